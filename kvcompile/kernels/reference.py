@@ -1,0 +1,154 @@
+"""Torch reference twins of the kernels: the CPU path and the test oracle.
+
+Shapes (B batch, H heads, N tokens, D head_dim, Hq query heads, L query length, T = Nq + Nr):
+  x            [B, H, N, D]                cache dtype
+  codes        [B, H, N, D * bits / 8]     uint8, 8/bits codes per byte, low bits first
+  scale, mn    [B, H, N / G, D]            (axis 2: groups of G tokens, one channel)
+               [B, H, N, D / G]            (axis 3: groups of G channels, one token)
+  res          [B, H, Nr, D]               full-precision residual (newest tokens)
+
+The state stores each of codes, scale, mn and res with PAD unused leading rows along dim 2 (see
+state.py: it keeps every dynamic size >= 2, so Dynamo never specializes a size to 0 or 1 and a
+generation compiles a bounded, small number of graphs). Functions named `*_padded` take padded
+tensors; the others take plain ones.
+
+Asymmetric b-bit quantization of a group x: mn = min(x), scale = (max(x) - mn) / (2^b - 1),
+code = clamp(floor((x - mn) / scale + 0.5), 0, 2^b - 1), dequantized code * scale + mn.
+Arithmetic is float32; scale and mn are stored in the cache dtype, and codes are computed with the
+stored scale, so that dequantization inverts exactly what was stored. A constant group has
+scale 0 and dequantizes to mn exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+TOKEN_AXIS = 2
+CHANNEL_AXIS = 3
+PAD = 2
+
+
+def unpad(t: Tensor) -> Tensor:
+    return t[:, :, PAD:]
+
+
+def pad(t: Tensor) -> Tensor:
+    """Prepend PAD zero rows along dim 2 (a new contiguous tensor)."""
+    B, H, _, X = t.shape
+    return torch.cat([t.new_zeros((B, H, PAD, X)), t], dim=2)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """[..., D] integer codes in [0, 2^bits) -> [..., D * bits / 8] uint8, low bits first."""
+    per = 8 // bits
+    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
+    for i in range(per):
+        out |= c[..., i] << (bits * i)
+    return out
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of `pack`: [..., D * bits / 8] uint8 -> [..., D] uint8 codes."""
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    c = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def _grouped(x: Tensor, group: int, axis: int) -> Tensor:
+    B, H, N, D = x.shape
+    if axis == TOKEN_AXIS:
+        return x.reshape(B, H, N // group, group, D)  # reduce over dim 3
+    return x.reshape(B, H, N, D // group, group)  # reduce over dim 4
+
+
+def _reduce_dim(axis: int) -> int:
+    return 3 if axis == TOKEN_AXIS else 4
+
+
+def quantize(x: Tensor, bits: int, group: int, axis: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """x [B, H, N, D] -> (codes, scale, mn), see the module docstring for the layouts."""
+    B, H, N, D = x.shape
+    qmax = (1 << bits) - 1
+    xg = _grouped(x.float(), group, axis)
+    rd = _reduce_dim(axis)
+    mn = xg.amin(dim=rd, keepdim=True)
+    mx = xg.amax(dim=rd, keepdim=True)
+    scale = ((mx - mn) / qmax).to(x.dtype)
+    s = scale.float()
+    q = torch.floor((xg - mn) / s + 0.5).clamp_(0, qmax)
+    q = torch.where(s > 0, q, torch.zeros_like(q))
+    codes = pack(q.to(torch.uint8).reshape(B, H, N, D), bits)
+    return codes.contiguous(), scale.squeeze(rd).contiguous(), mn.squeeze(rd).to(x.dtype).contiguous()
+
+
+def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group: int, axis: int, head_dim: int) -> Tensor:
+    """(codes, scale, mn) -> [B, H, N, D] in the dtype of `scale`."""
+    B, H, N, _ = codes.shape
+    q = unpack(codes, bits).float().reshape(B, H, N, head_dim)
+    rd = _reduce_dim(axis)
+    qg = _grouped(q, group, axis)
+    x = qg * scale.float().unsqueeze(rd) + mn.float().unsqueeze(rd)
+    return x.reshape(B, H, N, head_dim).to(scale.dtype)
+
+
+def full_padded(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int) -> Tensor:
+    """The whole cache [B, H, Nq + Nr, D] from padded inner tensors: dequantized tokens, then the residual."""
+    return full(unpad(codes), unpad(scale), unpad(mn), unpad(res), bits, group, axis)
+
+
+def full(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int) -> Tensor:
+    """The whole cache [B, H, Nq + Nr, D]: dequantized tokens, then the residual."""
+    if codes.shape[2] == 0:
+        return res
+    return torch.cat([dequantize(codes, scale, mn, bits, group, axis, res.shape[-1]), res], dim=2)
+
+
+def _repeat_heads(x: Tensor, hq: int) -> Tensor:
+    """[B, Hkv, T, D] -> [B, Hq, T, D], each KV head serving Hq / Hkv consecutive query heads."""
+    B, H, T, D = x.shape
+    if hq == H:
+        return x
+    return x[:, :, None].expand(B, H, hq // H, T, D).reshape(B, hq, T, D)
+
+
+def attention(
+    q: Tensor,
+    k: Tuple[Tensor, Tensor, Tensor, Tensor],
+    v: Tuple[Tensor, Tensor, Tensor, Tensor],
+    k_meta: Tuple[int, int, int],
+    v_meta: Tuple[int, int, int],
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """scaled_dot_product_attention of q [B, Hq, L, D] over the (packed) keys and values.
+
+    k, v: padded (codes, scale, mn, res) with Hkv heads; Hkv divides Hq (GQA/MQA).
+    k_meta, v_meta: (bits, group, axis). Returns [B, Hq, L, Dv], contiguous.
+    """
+    K = full_padded(*k, *k_meta)
+    V = full_padded(*v, *v_meta)
+    hq = q.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, _repeat_heads(K, hq), _repeat_heads(V, hq), attn_mask=attn_mask, dropout_p=dropout_p,
+        is_causal=is_causal, scale=scale,
+    )
+    return out.contiguous()
+
+
+def qk(q: Tensor, k: Tuple[Tensor, Tensor, Tensor, Tensor], k_meta: Tuple[int, int, int]) -> Tensor:
+    """q [B, Hq, L, D] @ K^T -> scores [B, Hq, L, T] (eager attention's first matmul)."""
+    K = _repeat_heads(full_padded(*k, *k_meta), q.shape[1])
+    return torch.matmul(q, K.transpose(2, 3)).contiguous()
+
+
+def pv(p: Tensor, v: Tuple[Tensor, Tensor, Tensor, Tensor], v_meta: Tuple[int, int, int]) -> Tensor:
+    """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] (eager attention's second matmul)."""
+    V = _repeat_heads(full_padded(*v, *v_meta), p.shape[1])
+    return torch.matmul(p, V).contiguous()

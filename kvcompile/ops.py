@@ -1,0 +1,124 @@
+"""Every torch.library op of kvcompile (namespace `kvquant::`), each with its fake.
+
+Ops take plain tensors only: the quantized state (state.py) is unpacked into its inner tensors
+by the Python glue that the FX pass inserts. Each op picks its implementation by device: the
+torch reference (kernels/reference.py) on the CPU, Triton kernels on CUDA where one exists.
+Outputs are contiguous and the fakes give exactly those shapes and strides.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .kernels import reference as ref
+
+# (bits, group, axis) of a cache tensor: `meta` below.
+
+
+@torch.library.custom_op("kvquant::quantize", mutates_args=())
+def quantize(x: Tensor, bits: int, group: int, axis: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """x [B, H, N, D] -> (codes uint8 [B, H, N, D*bits/8], scale, mn); see kernels/reference.py."""
+    return ref.quantize(x, bits, group, axis)
+
+
+@quantize.register_fake
+def _quantize_fake(x: Tensor, bits: int, group: int, axis: int) -> Tuple[Tensor, Tensor, Tensor]:
+    B, H, N, D = x.shape
+    codes = x.new_empty((B, H, N, D * bits // 8), dtype=torch.uint8)
+    sshape = (B, H, N // group, D) if axis == ref.TOKEN_AXIS else (B, H, N, D // group)
+    return codes, x.new_empty(sshape), x.new_empty(sshape)
+
+
+def _n_quantize(method: str, bits: int, group: int, axis: int, residual: int, n_res):
+    from .methods import Layout
+
+    return Layout(method, "k" if axis == ref.TOKEN_AXIS else "v", bits, group, axis, residual).n_quantize(n_res)
+
+
+@torch.library.custom_op("kvquant::compact", mutates_args=())
+def compact(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, method: str, bits: int, group: int, axis: int,
+            residual: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Quantize the oldest residual tokens that the method no longer keeps in full precision and
+    append them to the packed storage. Takes and returns padded (codes, scale, mn, res)."""
+    n = _n_quantize(method, bits, group, axis, residual, res.shape[2] - ref.PAD)
+    if n == 0:  # outputs must not alias inputs
+        return codes.clone(), scale.clone(), mn.clone(), res.clone()
+    c, s, m = ref.quantize(ref.unpad(res)[:, :, :n], bits, group, axis)
+    return (
+        torch.cat([codes, c], dim=2), torch.cat([scale, s], dim=2), torch.cat([mn, m], dim=2),
+        ref.pad(ref.unpad(res)[:, :, n:]),
+    )
+
+
+@compact.register_fake
+def _compact_fake(codes, scale, mn, res, method, bits, group, axis, residual):
+    B, H, Nr, D = res.shape
+    n = _n_quantize(method, bits, group, axis, residual, Nr - ref.PAD)
+    ns = n // group if axis == ref.TOKEN_AXIS else n
+    return (
+        codes.new_empty((B, H, codes.shape[2] + n, codes.shape[3])),
+        scale.new_empty((B, H, scale.shape[2] + ns, scale.shape[3])),
+        mn.new_empty((B, H, mn.shape[2] + ns, mn.shape[3])),
+        res.new_empty((B, H, Nr - n, D)),
+    )
+
+
+@torch.library.custom_op("kvquant::append", mutates_args=())
+def append(res: Tensor, new: Tensor) -> Tensor:
+    """The residual [B, H, Nr, D] with new tokens [B, H, L, D] appended (in the residual's dtype)."""
+    return torch.cat([res, new.to(res.dtype)], dim=2)
+
+
+@append.register_fake
+def _append_fake(res: Tensor, new: Tensor) -> Tensor:
+    B, H, Nr, D = res.shape
+    return res.new_empty((B, H, Nr + new.shape[2], D))
+
+
+@torch.library.custom_op("kvquant::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
+    v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
+    k_meta: List[int], v_meta: List[int],
+    attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: Optional[float],
+) -> Tensor:
+    """SDPA of q [B, Hq, L, D] over packed K/V with Hkv heads -> [B, Hq, L, Dv]."""
+    return ref.attention(
+        q, (k_codes, k_scale, k_mn, k_res), (v_codes, v_scale, v_mn, v_res), tuple(k_meta), tuple(v_meta),
+        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+    )
+
+
+@attention.register_fake
+def _attention_fake(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, k_meta, v_meta,
+                    attn_mask, dropout_p, is_causal, scale) -> Tensor:
+    B, Hq, L, _ = q.shape
+    return q.new_empty((B, Hq, L, v_res.shape[-1]))
+
+
+@torch.library.custom_op("kvquant::qk", mutates_args=())
+def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor, k_meta: List[int]) -> Tensor:
+    """q [B, Hq, L, D] @ K^T -> [B, Hq, L, T] over packed keys with Hkv heads."""
+    return ref.qk(q, (k_codes, k_scale, k_mn, k_res), tuple(k_meta))
+
+
+@qk.register_fake
+def _qk_fake(q, k_codes, k_scale, k_mn, k_res, k_meta) -> Tensor:
+    B, Hq, L, _ = q.shape
+    return q.new_empty((B, Hq, L, k_codes.shape[2] + k_res.shape[2] - 2 * ref.PAD))
+
+
+@torch.library.custom_op("kvquant::pv", mutates_args=())
+def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor, v_meta: List[int]) -> Tensor:
+    """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] over packed values with Hkv heads."""
+    return ref.pv(p, (v_codes, v_scale, v_mn, v_res), tuple(v_meta))
+
+
+@pv.register_fake
+def _pv_fake(p, v_codes, v_scale, v_mn, v_res, v_meta) -> Tensor:
+    B, Hq, L, _ = p.shape
+    return p.new_empty((B, Hq, L, v_res.shape[-1]))

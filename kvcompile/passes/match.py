@@ -1,0 +1,221 @@
+"""Find KV-cache updates and the attention that reads them, in a Dynamo (torch-level) FX graph.
+
+A cache update is `torch.cat([past, new], dim=-2)` of 4-D tensors [B, H, T, D] whose result is a
+graph output (so Dynamo writes it back into the cache object). It is matched when every other use
+of the result is one of:
+
+  * F.scaled_dot_product_attention, as key or value           -> "sdpa" use
+  * transpose(-1, -2) -> matmul(query, .)                      -> "qk" use  (eager attention)
+  * matmul(probs, .)                                           -> "pv" use  (eager attention)
+  * a size query (size(), .shape, dim())                        -> left as is
+each optionally through repeat_kv (`x[:, :, None]` -> expand -> reshape). The intermediates must
+have no other users. Anything else leaves the update alone, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+_MATMUL = {torch.matmul, operator.matmul}
+_SIZE_METHODS = {"size", "dim"}
+_SIZE_ATTRS = {"shape", "dtype", "device", "ndim"}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def val(node: fx.Node):
+    """The example value Dynamo recorded for a node (a FakeTensor), or None."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def rank(node) -> Optional[int]:
+    v = val(node) if isinstance(node, fx.Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({node.op} {target})"
+
+
+def sdpa_args(node: fx.Node) -> Dict[str, object]:
+    """F.scaled_dot_product_attention's arguments by name."""
+    out = dict(zip(_SDPA_ARGS, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+@dataclass
+class Use:
+    kind: str  # "sdpa" | "qk" | "pv"
+    node: fx.Node  # the attention op (sdpa) or matmul to replace
+    role: str  # "k" | "v"
+
+
+@dataclass
+class CacheUpdate:
+    cat: fx.Node
+    past: fx.Node
+    new: fx.Node
+    role: Optional[str] = None
+    uses: List[Use] = field(default_factory=list)
+    size_uses: List[fx.Node] = field(default_factory=list)
+    reason: Optional[str] = None  # why it is left alone; None if matched
+
+    @property
+    def matched(self) -> bool:
+        return self.reason is None
+
+
+def _is_call(node: fx.Node, method: Optional[str] = None, fns=None) -> bool:
+    if method is not None:
+        return node.op == "call_method" and node.target == method
+    return node.op == "call_function" and node.target in fns
+
+
+def _is_last_two_transpose(node: fx.Node) -> bool:
+    if not (_is_call(node, "transpose") or _is_call(node, fns={torch.transpose})):
+        return False
+    dims = node.args[1:3]
+    r = rank(node.args[0])
+    if len(dims) != 2 or r is None or not all(isinstance(d, int) for d in dims):
+        return False
+    return sorted(d % r for d in dims) == [r - 2, r - 1]
+
+
+def _repeat_kv_end(node: fx.Node) -> Optional[fx.Node]:
+    """If `node` is `x[:, :, None]` starting repeat_kv (-> expand -> reshape), the reshape node."""
+    if not (node.op == "call_function" and node.target is operator.getitem):
+        return None
+    idx = node.args[1]
+    full = slice(None, None, None)
+    if not (isinstance(idx, tuple) and len(idx) >= 3 and idx[0] == full and idx[1] == full and idx[2] is None):
+        return None
+    if not all(i == full or i is Ellipsis for i in idx[3:]):
+        return None
+    (expand,) = node.users if len(node.users) == 1 else (None,)
+    if expand is None or not _is_call(expand, "expand"):
+        return None
+    (reshape,) = expand.users if len(expand.users) == 1 else (None,)
+    if reshape is None or not (_is_call(reshape, "reshape") or _is_call(reshape, "view")):
+        return None
+    return reshape
+
+
+def _classify_users(src: fx.Node, upd: CacheUpdate, top: bool) -> Optional[str]:
+    """Record the attention uses of `src` in `upd`; return a reason if a use is not understood."""
+    for user in src.users:
+        if user.op == "output":
+            if not top:
+                return f"the repeated heads {describe(src)} are a graph output"
+            continue
+        if top and (_is_call(user, fns={getattr}) and user.args[1] in _SIZE_ATTRS or
+                    user.op == "call_method" and user.target in _SIZE_METHODS):
+            upd.size_uses.append(user)
+            continue
+        if top:
+            end = _repeat_kv_end(user)
+            if end is not None:
+                reason = _classify_users(end, upd, top=False)
+                if reason:
+                    return reason
+                continue
+        if _is_call(user, fns=_SDPA):
+            a = sdpa_args(user)
+            if a.get("key") is src and a.get("value") is not src:
+                upd.uses.append(Use("sdpa", user, "k"))
+                continue
+            if a.get("value") is src and a.get("key") is not src:
+                upd.uses.append(Use("sdpa", user, "v"))
+                continue
+            return f"it is passed to {describe(user)} as the query or as both key and value"
+        if _is_last_two_transpose(user):
+            mms = list(user.users)
+            if len(mms) == 1 and _is_call(mms[0], fns=_MATMUL) and len(mms[0].args) == 2 \
+                    and mms[0].args[1] is user and mms[0].args[0] is not user and rank(mms[0].args[0]) == 4:
+                upd.uses.append(Use("qk", mms[0], "k"))
+                continue
+            return f"its transpose {describe(user)} is used by something other than a query @ key matmul"
+        if _is_call(user, fns=_MATMUL) and len(user.args) == 2 and user.args[1] is src \
+                and user.args[0] is not src and rank(user.args[0]) == 4:
+            upd.uses.append(Use("pv", user, "v"))
+            continue
+        return f"it is used by {describe(user)}, which is not an attention op kvcompile understands"
+    return None
+
+
+def _cache_update(node: fx.Node) -> Optional[CacheUpdate]:
+    """A CacheUpdate if `node` concatenates two 4-D tensors along the sequence axis."""
+    if not _is_call(node, fns=_CAT):
+        return None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or rank(node) != 4 or dim not in (2, -2):
+        return None
+    past, new = tensors
+    if not (isinstance(past, fx.Node) and isinstance(new, fx.Node)) or rank(new) != 4:
+        return None
+    return CacheUpdate(node, past, new)
+
+
+def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
+    """Every cat along the sequence axis of 4-D tensors, classified (see module docstring)."""
+    updates = []
+    for node in graph.nodes:
+        upd = _cache_update(node)
+        if upd is None:
+            continue
+        updates.append(upd)
+        if not any(u.op == "output" for u in node.users):
+            upd.reason = "its result is not a graph output, so it is not a cache that outlives the call"
+            continue
+        upd.reason = _classify_users(node, upd, top=True)
+        if upd.reason is None and not upd.uses:
+            upd.reason = "no attention op reads it"
+        if upd.reason is None:
+            roles = {u.role for u in upd.uses}
+            if len(roles) != 1:
+                upd.reason = "it is read both as keys and as values"
+            else:
+                upd.role = roles.pop()
+    # SDPA needs both of its key and value to be matched cache updates (to a fixed point).
+    by_cat = {u.cat: u for u in updates}
+    changed = True
+    while changed:
+        changed = False
+        for upd in updates:
+            for use in upd.uses if upd.matched else ():
+                if use.kind != "sdpa":
+                    continue
+                a = sdpa_args(use.node)
+                other = by_cat.get(_strip_repeat(a["value"] if use.role == "k" else a["key"]))
+                if other is None or not other.matched:
+                    upd.reason = (f"its attention partner (the {'values' if use.role == 'k' else 'keys'} "
+                                  f"of {describe(use.node)}) is not a matched cache update")
+                    changed = True
+                    break
+    return updates
+
+
+def _strip_repeat(node) -> object:
+    """The tensor repeat_kv started from, if `node` is the end of a repeat_kv chain."""
+    if isinstance(node, fx.Node) and (_is_call(node, "reshape") or _is_call(node, "view")):
+        expand = node.args[0]
+        if isinstance(expand, fx.Node) and _is_call(expand, "expand"):
+            getitem = expand.args[0]
+            if isinstance(getitem, fx.Node) and _repeat_kv_end(getitem) is node:
+                return getitem.args[0]
+    return node
+
+
+def count_attention_ops(graph: fx.Graph) -> Tuple[int, int]:
+    """(sdpa calls, matmuls of 4-D tensors): what attention there is in the graph, for the report."""
+    sdpa = sum(1 for n in graph.nodes if _is_call(n, fns=_SDPA))
+    mm = sum(1 for n in graph.nodes if _is_call(n, fns=_MATMUL) and rank(n) == 4)
+    return sdpa, mm

@@ -1,0 +1,149 @@
+"""Rewrite matched cache updates and their attention into kvcompile ops (see match.py).
+
+Prefill (the past is not a KVState: the in-graph empty tensor of a lazily initialised cache, or a
+full-precision tensor): attention keeps reading the full-precision `cat` (prefill attention is full
+precision); the graph output becomes `kv_store(cat)`, the quantized state.
+
+Decode (the past is a KVState graph input):
+    cat(past, new)               -> s1 = kv_append(past, new)     (new tokens join the residual)
+    attention over cat           -> kv_sdpa / kv_qk / kv_pv over s1 (reads the packed state)
+    graph output cat             -> s2 = kv_compact(s1)           (quantize what leaves the window)
+    size queries of cat          -> the same queries of s1 (same logical shape)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Dict, List
+
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from ..config import Config
+from ..methods import layouts
+from ..report import Entry, GraphReport, KVQuantWarning, log, new_report
+from ..state import KVState, kv_append, kv_compact, kv_pv, kv_qk, kv_sdpa, kv_store
+from .match import CacheUpdate, _strip_repeat, count_attention_ops, describe, find_cache_updates, sdpa_args, val
+
+_ROLE = {"k": "keys", "v": "values"}
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def _chain_nodes(cat: fx.Node, stop: set) -> List[fx.Node]:
+    """Nodes between `cat` and its attention uses (repeat_kv and transpose), to clean up."""
+    out, todo = [], [cat]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u.op in ("call_method", "call_function") and u not in stop and u not in out:
+                out.append(u)
+                todo.append(u)
+    return out
+
+
+def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
+    """Rewrite `gm` in place; return what was done. Raises ValueError if the options cannot fit a
+    matched layer (e.g. a group size that does not divide its head_dim)."""
+    graph = gm.graph
+    report = new_report(config.method)
+    report.sdpa_ops, report.matmul_ops = count_attention_ops(graph)
+    updates = find_cache_updates(graph)
+    output = _output_node(graph)
+    states: Dict[fx.Node, fx.Node] = {}  # decode: cat -> kv_append node
+    entries: Dict[fx.Node, Entry] = {}
+    attention_nodes = {use.node for u in updates if u.matched for use in u.uses}
+
+    for upd in updates:
+        if not upd.matched:
+            entries[upd.cat] = Entry(upd.cat.name, _ROLE.get(upd.role), "left alone", reason=upd.reason)
+            continue
+        head_dim = val(upd.cat).shape[-1]
+        k_layout, v_layout = layouts(config, int(head_dim))
+        layout = k_layout if upd.role == "k" else v_layout
+        if isinstance(val(upd.past), KVState):
+            with graph.inserting_after(upd.cat):
+                s1 = graph.call_function(kv_append, (upd.past, upd.new))
+            with graph.inserting_after(s1):
+                s2 = graph.call_function(kv_compact, (s1,))
+            output.replace_input_with(upd.cat, s2)
+            for n in upd.size_uses:
+                n.replace_input_with(upd.cat, s1)
+            states[upd.cat] = s1
+            entries[upd.cat] = Entry(upd.cat.name, _ROLE[upd.role], "quantized (decode: fused attention)")
+        else:
+            with graph.inserting_after(upd.cat):
+                st = graph.call_function(kv_store, (upd.cat, dataclasses.astuple(layout)))
+            output.replace_input_with(upd.cat, st)
+            entries[upd.cat] = Entry(upd.cat.name, _ROLE[upd.role], "quantized (prefill: stored)")
+        counters["kvquant"]["cache_updates_quantized"] += 1
+
+    done = set()
+    for upd in updates:
+        if upd.cat not in states:
+            continue
+        for use in upd.uses:
+            node = use.node
+            if node in done:
+                continue
+            done.add(node)
+            with graph.inserting_before(node):
+                if use.kind == "sdpa":
+                    a = sdpa_args(node)
+                    kw = {k: a[k] for k in ("attn_mask", "dropout_p", "is_causal", "scale") if k in a}
+                    k_s = states[_strip_repeat(a["key"])]
+                    v_s = states[_strip_repeat(a["value"])]
+                    new = graph.call_function(kv_sdpa, (a["query"], k_s, v_s), kw)
+                elif use.kind == "qk":
+                    new = graph.call_function(kv_qk, (node.args[0], states[upd.cat]))
+                else:
+                    new = graph.call_function(kv_pv, (node.args[0], states[upd.cat]))
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "stack_trace")})
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            entries[upd.cat].attention.append(f"{use.kind} {node.name}")
+            counters["kvquant"]["attention_rewritten"] += 1
+
+    # remove the now-dead cats, repeat_kv chains and transposes
+    for upd in updates:
+        if upd.cat in states:
+            for n in reversed([upd.cat] + _chain_nodes(upd.cat, attention_nodes)):
+                if not n.users and n.graph is graph:
+                    graph.erase_node(n)
+    graph.lint()
+    gm.recompile()
+
+    report.entries = [entries[u.cat] for u in updates]
+    _finish(report)
+    return report
+
+
+def _finish(report: GraphReport) -> None:
+    counters["kvquant"]["graphs"] += 1
+    left = report.left_alone
+    counters["kvquant"]["cache_updates_left_alone"] += len(left)
+    log.info("kvquant: %s", report.summary())
+    log.debug("kvquant:\n%s", report)
+    if left:
+        reasons = "; ".join(f"{e.node}: {e.reason}" for e in left)
+        warnings.warn(
+            f"kvquant left {len(left)} cache update(s) unquantized (they run in full precision, "
+            f"correctly): {reasons}. kvcompile.explain() has the details.",
+            KVQuantWarning,
+            stacklevel=2,
+        )
+    elif not report.entries and (report.sdpa_ops or report.matmul_ops):
+        report.notes.append(
+            "attention found, but no KV-cache update (torch.cat of the cache along the sequence axis, "
+            "returned from the graph) feeds it; nothing quantized"
+        )
+        warnings.warn(
+            f"kvquant found attention ({report.sdpa_ops} sdpa, {report.matmul_ops} 4-D matmul) but no "
+            f"KV-cache update feeding it (torch.cat along the sequence axis whose result is returned); "
+            f"the graph runs unquantized, correctly. kvcompile.explain() has the details.",
+            KVQuantWarning,
+            stacklevel=2,
+        )

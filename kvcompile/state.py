@@ -1,0 +1,198 @@
+"""The quantized KV state: a traceable wrapper tensor subclass.
+
+Its logical shape and dtype are those of the full-precision cache [B, H, T, D], so model code that
+reads `keys.shape[-2]` keeps working. Its inner tensors (see kernels/reference.py for layouts):
+
+  codes  uint8 [B, H, Nq, D*bits/8]  packed codes of the Nq oldest tokens
+  scale  [B, H, Nq/G, D] or [B, H, Nq, D/G], cache dtype
+  mn     same shape as scale
+  res    [B, H, Nr, D]  the newest Nr tokens in full precision;  T = Nq + Nr
+
+Each is stored with PAD (= 2) unused leading rows along dim 2 (kernels/reference.py: PAD). Dynamo
+specializes input sizes 0 and 1 and would compile a new graph each time a residual empties after a
+flush; with the pad no dynamic size is ever below 2, and a generation compiles a small, bounded
+number of graphs. The cost is 2 rows per inner tensor (about 0.5% of the cache at T = 1k).
+
+The rewritten graph returns a state where the cache tensor was returned; Dynamo stores it in the
+cache object (e.g. `DynamicCache.layers[i].keys`) and the next step receives it as a graph input.
+Any torch op the state does not implement runs on its dequantized value: slow, never wrong.
+In-place ops on a state are refused, since they would be lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from . import ops
+from .kernels import reference as ref
+from .methods import Layout
+
+aten = torch.ops.aten
+
+
+class KVState(Tensor):
+    codes: Tensor
+    scale: Tensor
+    mn: Tensor
+    res: Tensor
+    kv_layout: Layout
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: Layout,
+                outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None) -> "KVState":
+        if outer_size is None:
+            B, H, Nr, D = res.shape
+            outer_size = (B, H, codes.shape[2] + Nr - 2 * ref.PAD, D)
+        return Tensor._make_wrapper_subclass(
+            cls, outer_size, strides=outer_stride, dtype=res.dtype, device=res.device, requires_grad=False
+        )
+
+    def __init__(self, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: Layout,
+                 outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None) -> None:
+        self.codes, self.scale, self.mn, self.res, self.kv_layout = codes, scale, mn, res, layout
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale", "mn", "res"], self.kv_layout
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, layout: Layout, outer_size, outer_stride) -> "KVState":
+        return KVState(inner["codes"], inner["scale"], inner["mn"], inner["res"], layout, outer_size, outer_stride)
+
+    def __repr__(self) -> str:  # never dequantizes
+        lay = self.kv_layout
+        return (
+            f"KVState(method={lay.method!r}, role={lay.role!r}, bits={lay.bits}, shape={tuple(self.shape)}, "
+            f"dtype={self.dtype}, quantized_tokens={self.codes.shape[2] - ref.PAD}, "
+            f"residual_tokens={self.res.shape[2] - ref.PAD}, "
+            f"nbytes={self.packed_nbytes()})"
+        )
+
+    def packed_nbytes(self) -> int:
+        """Bytes the state really holds: codes + scales + minimums + residual."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.mn, self.res))
+
+    def dequantize(self) -> Tensor:
+        """The full-precision view [B, H, T, D] (a new tensor)."""
+        lay = self.kv_layout
+        return ref.full_padded(self.codes, self.scale, self.mn, self.res, lay.bits, lay.group, lay.axis).clone()
+
+    def _map(self, fn) -> "KVState":
+        return KVState(fn(self.codes), fn(self.scale), fn(self.mn), fn(self.res), self.kv_layout)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            out = handler(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        if func._schema.is_mutable:
+            raise RuntimeError(
+                f"kvcompile: in-place op {func} on a quantized KV state is not supported "
+                f"(it would write into a temporary dequantized copy and be lost)"
+            )
+        args, kwargs = pytree.tree_map_only(KVState, KVState.dequantize, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _detach(s: KVState) -> KVState:
+    return s._map(torch.Tensor.detach)
+
+
+def _clone(s: KVState, *, memory_format: Any = None) -> KVState:
+    return s._map(torch.clone)
+
+
+def _to_copy(s: KVState, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
+             memory_format=None) -> Any:
+    if dtype is not None and dtype != s.dtype:
+        return NotImplemented  # a dtype change leaves the state: dequantize, then convert
+    return s._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+
+def _index_select(s: KVState, dim: int, index: Tensor) -> Any:
+    if dim not in (0, -4):  # beam reorder selects along the batch
+        return NotImplemented
+    return s._map(lambda t: t.index_select(0, index.to(t.device)))
+
+
+_HANDLERS = {
+    aten.detach.default: _detach,
+    aten.clone.default: _clone,
+    aten._to_copy.default: _to_copy,
+    aten.index_select.default: _index_select,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python glue the FX pass inserts. It runs eagerly (compiler="eager") or is traced by
+# AOTAutograd, which sees the kvquant:: ops and plain tensor ops.
+
+
+def _empty_packed(like: Tensor, layout: Layout, B, H, D) -> tuple:
+    cw, sw = layout.widths(D)
+    return (
+        like.new_zeros((B, H, ref.PAD, cw), dtype=torch.uint8),
+        like.new_zeros((B, H, ref.PAD, sw)),
+        like.new_zeros((B, H, ref.PAD, sw)),
+    )
+
+
+def kv_compact(s: KVState) -> KVState:
+    """Quantize the residual tokens the method no longer keeps in full precision."""
+    lay = s.kv_layout
+    if not lay.quantized:
+        return s
+    out = ops.compact(s.codes, s.scale, s.mn, s.res, lay.method, lay.bits, lay.group, lay.axis, lay.residual)
+    return KVState(*out, lay)
+
+
+def kv_store(full: Tensor, layout: tuple) -> KVState:
+    """A state from a full-precision cache tensor [B, H, T, D] (prefill), compacted.
+    `layout` is the fields of a Layout (FX code generation needs literals)."""
+    layout = Layout(*layout)
+    B, H, _, D = full.shape
+    return kv_compact(KVState(*_empty_packed(full, layout, B, H, D), ref.pad(full), layout))
+
+
+def kv_append(past: KVState, new: Tensor) -> KVState:
+    """Append new tokens [B, H, L, D] to the full-precision residual (lossless, no compaction)."""
+    return KVState(past.codes, past.scale, past.mn, ops.append(past.res, new), past.kv_layout)
+
+
+def _meta(s: KVState) -> list:
+    return [s.kv_layout.bits, s.kv_layout.group, s.kv_layout.axis]
+
+
+def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Tensor] = None,
+            dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+            enable_gqa: bool = False) -> Tensor:
+    """Drop-in for F.scaled_dot_product_attention over states (GQA handled whatever enable_gqa says)."""
+    return ops.attention(
+        query, key.codes, key.scale, key.mn, key.res, value.codes, value.scale, value.mn, value.res,
+        _meta(key), _meta(value), attn_mask, dropout_p, is_causal, scale,
+    )
+
+
+def kv_qk(query: Tensor, key: KVState) -> Tensor:
+    """Drop-in for torch.matmul(query, repeat_kv(key).transpose(-1, -2))."""
+    return ops.qk(query, key.codes, key.scale, key.mn, key.res, _meta(key))
+
+
+def kv_pv(probs: Tensor, value: KVState) -> Tensor:
+    """Drop-in for torch.matmul(probs, repeat_kv(value))."""
+    return ops.pv(probs, value.codes, value.scale, value.mn, value.res, _meta(value))
+
+
+def nbytes(t: Tensor) -> int:
+    """Bytes a cache tensor holds: the packed size of a state, numel * itemsize otherwise."""
+    if isinstance(t, KVState):
+        return t.packed_nbytes()
+    return t.numel() * t.element_size()
