@@ -32,8 +32,7 @@ def _passthrough_error(e: ValueError) -> Exception:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: List[Any], config: Config) -> Callable:
-    """Rewrite `gm` for `config` and compile it with `config.compiler`."""
-    rewrite(gm, config)
+    """Compile the rewritten `gm` with `config.compiler`."""
     if config.compiler == "eager":
         return gm.forward
     if config.compiler == "aot_eager":
@@ -49,6 +48,7 @@ def kvquant(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Map
     """torch.compile backend: quantize the KV cache of any decoder. See README for the options."""
     try:
         config = Config.from_options(options)
+        rewrite(gm, config)  # raises ValueError if the options cannot fit a matched layer
     except ValueError as e:
         raise _passthrough_error(e) from None
     return compile_graph(gm, example_inputs, config)

@@ -1,0 +1,32 @@
+"""Hypothesis strategies that build valid shapes by construction (no `assume`)."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+BITS = st.sampled_from([2, 4])
+
+
+@st.composite
+def token_groups(draw):
+    """(B, H, N, D, group) for keys: N a multiple of the group (whole groups of tokens)."""
+    group = draw(st.sampled_from([1, 2, 4, 8, 32]))
+    n_groups = draw(st.integers(1, 3))
+    d = draw(st.sampled_from([4, 8, 12, 16, 64]))
+    return draw(st.integers(1, 2)), draw(st.integers(1, 3)), n_groups * group, d, group
+
+
+@st.composite
+def channel_groups(draw):
+    """(B, H, N, D, group) for values: the group divides D."""
+    group = draw(st.sampled_from([4, 8, 16, 32]))
+    d = group * draw(st.integers(1, 3))
+    return draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 9)), d, group
+
+
+@st.composite
+def kivi_options(draw):
+    """Valid kivi options for a model of head_dim 8: residual a multiple of the group."""
+    group = draw(st.sampled_from([2, 4, 8]))
+    return dict(method="kivi", bits=draw(BITS), v_bits=draw(BITS), group_size=group,
+                residual_length=group * draw(st.integers(1, 3)))
