@@ -66,6 +66,22 @@ def _compact_fake(codes, scale, mn, res, method, bits, group, axis, residual):
     )
 
 
+@torch.library.custom_op("kvquant::dequantize", mutates_args=())
+def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, meta: List[int]) -> Tensor:
+    """The full-precision cache [B, H, Nq + Nr, D] from padded (codes, scale, mn, res).
+
+    An op rather than torch code so that tracing it (the state's dequantize-then-run fallback under
+    Dynamo) adds no guards on the token counts: broadcasting a count that happens to be 1 would
+    specialize it and recompile."""
+    return ref.full_padded(codes, scale, mn, res, *meta).contiguous()
+
+
+@dequantize.register_fake
+def _dequantize_fake(codes, scale, mn, res, meta) -> Tensor:
+    B, H, Nr, D = res.shape
+    return res.new_empty((B, H, codes.shape[2] + Nr - 2 * ref.PAD, D))
+
+
 @torch.library.custom_op("kvquant::append", mutates_args=())
 def append(res: Tensor, new: Tensor) -> Tensor:
     """The residual [B, H, Nr, D] with new tokens [B, H, L, D] appended (in the residual's dtype)."""

@@ -56,6 +56,10 @@ class KVState(Tensor):
     def __init__(self, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: Layout,
                  outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None) -> None:
         self.codes, self.scale, self.mn, self.res, self.kv_layout = codes, scale, mn, res, layout
+        # Token counts grow every step: tell Dynamo up front, so the first decode graph is already
+        # dynamic in them instead of recompiling once per inner size as each first changes.
+        for t in (self, codes, scale, mn, res):
+            torch._dynamo.maybe_mark_dynamic(t, 2)
 
     def __tensor_flatten__(self):
         return ["codes", "scale", "mn", "res"], self.kv_layout
@@ -79,8 +83,7 @@ class KVState(Tensor):
 
     def dequantize(self) -> Tensor:
         """The full-precision view [B, H, T, D] (a new tensor)."""
-        lay = self.kv_layout
-        return ref.full_padded(self.codes, self.scale, self.mn, self.res, lay.bits, lay.group, lay.axis).clone()
+        return ops.dequantize(self.codes, self.scale, self.mn, self.res, _meta(self))
 
     def _map(self, fn) -> "KVState":
         return KVState(fn(self.codes), fn(self.scale), fn(self.mn), fn(self.res), self.kv_layout)

@@ -102,8 +102,10 @@ def full_padded(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int
 
 
 def full(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int) -> Tensor:
-    """The whole cache [B, H, Nq + Nr, D]: dequantized tokens, then the residual."""
-    if codes.shape[2] == 0:
+    """The whole cache [B, H, Nq + Nr, D]: dequantized tokens, then the residual.
+    bits >= 16 means nothing is quantized (method "none"). There is no branch on Nq == 0: under
+    Dynamo it would become a guard and specialize the size."""
+    if bits >= 16:
         return res
     return torch.cat([dequantize(codes, scale, mn, bits, group, axis, res.shape[-1]), res], dim=2)
 

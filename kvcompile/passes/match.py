@@ -10,6 +10,9 @@ of the result is one of:
   * a size query (size(), .shape, dim())                        -> left as is
 each optionally through repeat_kv (`x[:, :, None]` -> expand -> reshape). The intermediates must
 have no other users. Anything else leaves the update alone, with the reason recorded.
+
+A cache created without a cat (a hand-written decoder's first call returns its K and V as they are)
+is matched the same way: a returned 4-D tensor whose every use is one of the above.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class Use:
 
 @dataclass
 class CacheUpdate:
-    cat: fx.Node
-    past: fx.Node
+    cat: fx.Node  # the cat, or for a fresh cache the returned tensor itself
+    past: Optional[fx.Node]  # None for a fresh cache
     new: fx.Node
     role: Optional[str] = None
     uses: List[Use] = field(default_factory=list)
@@ -164,12 +167,31 @@ def _cache_update(node: fx.Node) -> Optional[CacheUpdate]:
     return CacheUpdate(node, past, new)
 
 
+def _fresh_cache(node: fx.Node) -> Optional[CacheUpdate]:
+    """A first-call cache with no cat (e.g. a hand-written decoder's prefill returns its K and V):
+    a computed 4-D tensor that is returned and read by attention. Only kept if fully matched."""
+    if node.op not in ("call_function", "call_method") or rank(node) != 4 or _is_call(node, fns=_CAT):
+        return None
+    if not any(u.op == "output" for u in node.users):
+        return None
+    upd = CacheUpdate(node, None, node)
+    upd.reason = _classify_users(node, upd, top=True)
+    if upd.reason is not None or not upd.uses or len({u.role for u in upd.uses}) != 1:
+        return None
+    upd.role = upd.uses[0].role
+    return upd
+
+
 def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
-    """Every cat along the sequence axis of 4-D tensors, classified (see module docstring)."""
+    """Every cat along the sequence axis of 4-D tensors, classified (see module docstring), and
+    every fresh cache (see _fresh_cache)."""
     updates = []
     for node in graph.nodes:
         upd = _cache_update(node)
         if upd is None:
+            fresh = _fresh_cache(node)
+            if fresh is not None:
+                updates.append(fresh)
             continue
         updates.append(upd)
         if not any(u.op == "output" for u in node.users):

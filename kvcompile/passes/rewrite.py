@@ -64,7 +64,7 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
         head_dim = val(upd.cat).shape[-1]
         k_layout, v_layout = layouts(config, int(head_dim))
         layout = k_layout if upd.role == "k" else v_layout
-        if isinstance(val(upd.past), KVState):
+        if upd.past is not None and isinstance(val(upd.past), KVState):
             with graph.inserting_after(upd.cat):
                 s1 = graph.call_function(kv_append, (upd.past, upd.new))
             with graph.inserting_after(s1):

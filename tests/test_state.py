@@ -1,0 +1,69 @@
+"""The quantized state outside compiled graphs: every op it does not implement runs on its
+dequantized value; the ones it implements keep it packed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kvcompile import KVState, nbytes
+from kvcompile.config import Config
+from kvcompile.methods import layouts
+from kvcompile.state import kv_append, kv_compact, kv_store
+
+
+def _state(role="k", T=21, bits=2):
+    k_layout, v_layout = layouts(Config(bits=bits, group_size=4, residual_length=8), 8)
+    layout = k_layout if role == "k" else v_layout
+    x = torch.randn(3, 2, T, 8, generator=torch.Generator().manual_seed(0))
+    return kv_store(x, dataclasses.astuple(layout)), x
+
+
+@pytest.mark.parametrize("role", ["k", "v"])
+def test_logical_view(role):
+    s, x = _state(role)
+    assert isinstance(s, KVState) and s.shape == x.shape and s.dtype == x.dtype
+    full = s.dequantize()
+    # residual tokens are exact, quantized ones within the quantization error
+    n_res = s.res.shape[2] - 2
+    assert torch.equal(full[:, :, -n_res:], x[:, :, -n_res:])
+    assert (full - x).abs().max() < (x.max() - x.min()) / 3
+    # ops it does not implement: on the dequantized value
+    torch.testing.assert_close(s + 1, full + 1, atol=0, rtol=0)
+    torch.testing.assert_close(s[:, :, :-3], full[:, :, :-3], atol=0, rtol=0)  # DynamicCache.crop
+    torch.testing.assert_close(s.sum(), full.sum(), atol=0, rtol=0)
+    assert "KVState(" in repr(s) and "bits=2" in repr(s)
+
+
+def test_ops_that_keep_it_packed():
+    s, _ = _state()
+    full = s.dequantize()
+    for out in (s.clone(), s.detach(), s.to("cpu"), s.index_select(0, torch.tensor([2, 0]))):
+        assert isinstance(out, KVState) and nbytes(out) <= nbytes(s)
+    torch.testing.assert_close(s.index_select(0, torch.tensor([2, 0])).dequantize(), full[[2, 0]], atol=0, rtol=0)
+    assert not isinstance(s.to(torch.float64), KVState)  # leaving the dtype leaves the state
+    torch.testing.assert_close(s.to(torch.float64), full.double(), atol=0, rtol=0)
+
+
+def test_in_place_ops_are_refused():
+    s, _ = _state()
+    with pytest.raises(RuntimeError, match="in-place"):
+        s.add_(1)
+
+
+@pytest.mark.parametrize("role", ["k", "v"])
+def test_append_then_compact_follows_the_residual_rules(role):
+    s, x = _state(role, T=5)  # keys: 5 % 8 stay fp; values: all within the window
+    assert s.codes.shape[2] - 2 == 0 and s.res.shape[2] - 2 == 5
+    for t in range(5, 20):
+        s = kv_append(s, torch.randn(3, 2, 1, 8))
+        n_q, n_res = s.codes.shape[2] - 2, s.res.shape[2] - 2
+        assert n_q + n_res == t + 1  # attention reads all tokens before the flush
+        s = kv_compact(s)
+        n_q, n_res = s.codes.shape[2] - 2, s.res.shape[2] - 2
+        if role == "k":
+            assert n_res == (t + 1) % 8 and n_q == t + 1 - n_res
+        else:
+            assert n_res == min(t + 1, 8)
