@@ -128,6 +128,7 @@ def test_beam_search_reorders_the_state():
     want = _generate(model, ids, num_beams=3, past_key_values=FakeQuantCache(Config(**options)))
     model.compile(backend="kvquant", options=options)
     assert torch.equal(_generate(model, ids, num_beams=3), want)
+    assert counters["kvquant"]["cache_updates_quantized"] > 0
 
 
 def test_left_padded_batch():
@@ -139,6 +140,7 @@ def test_left_padded_batch():
     want = _generate(model, ids, attention_mask=mask, past_key_values=FakeQuantCache(Config(**options)))
     model.compile(backend="kvquant", options=options)
     assert torch.equal(_generate(model, ids, attention_mask=mask), want)
+    assert counters["kvquant"]["cache_updates_quantized"] > 0 and counters["kvquant"]["cache_updates_left_alone"] == 0
 
 
 def test_state_is_packed_and_bytes_match_the_formula():

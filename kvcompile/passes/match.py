@@ -195,7 +195,11 @@ def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
             continue
         updates.append(upd)
         if not any(u.op == "output" for u in node.users):
-            upd.reason = "its result is not a graph output, so it is not a cache that outlives the call"
+            if any(_is_call(u, fns={operator.getitem}) and any(v.op == "output" for v in u.users) for u in node.users):
+                upd.reason = ("only a slice of it is returned (a sliding-window cache layer), which kvcompile "
+                              "does not quantize yet")
+            else:
+                upd.reason = "its result is not a graph output, so it is not a cache that outlives the call"
             continue
         upd.reason = _classify_users(node, upd, top=True)
         if upd.reason is None and not upd.uses:
