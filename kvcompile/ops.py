@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .kernels import reference as ref
 
-# (bits, group, axis) of a cache tensor: `meta` below.
+# `meta` below: (bits, group, axis, nq) of a cache tensor, nq = tokens held by the packed storage.
 
 
 @torch.library.custom_op("kvquant::quantize", mutates_args=())
@@ -38,37 +38,60 @@ def _n_quantize(method: str, bits: int, group: int, axis: int, residual: int, n_
     return Layout(method, "k" if axis == ref.TOKEN_AXIS else "v", bits, group, axis, residual).n_quantize(n_res)
 
 
-@torch.library.custom_op("kvquant::compact", mutates_args=())
-def compact(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, method: str, bits: int, group: int, axis: int,
-            residual: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Quantize the oldest residual tokens that the method no longer keeps in full precision and
-    append them to the packed storage. Takes and returns padded (codes, scale, mn, res)."""
+def _scale_rows(n, group: int, axis: int):
+    return n // group if axis == ref.TOKEN_AXIS else n
+
+
+@torch.library.custom_op("kvquant::compact_", mutates_args=("codes", "scale", "mn"))
+def compact_(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, nq: int, method: str, bits: int, group: int,
+             axis: int, residual: int) -> Tensor:
+    """Quantize the oldest residual tokens that the method no longer keeps in full precision and write
+    them into the packed storage in place, after its `nq` tokens (the caller makes sure it has room).
+    Takes padded tensors; returns the new padded residual."""
     n = _n_quantize(method, bits, group, axis, residual, res.shape[2] - ref.PAD)
-    if n == 0:  # outputs must not alias inputs
-        return codes.clone(), scale.clone(), mn.clone(), res.clone()
-    c, s, m = ref.quantize(ref.unpad(res)[:, :, :n], bits, group, axis)
-    return (
-        torch.cat([codes, c], dim=2), torch.cat([scale, s], dim=2), torch.cat([mn, m], dim=2),
-        ref.pad(ref.unpad(res)[:, :, n:]),
-    )
+    r = ref.unpad(res)
+    if n > 0:
+        c, s, m = ref.quantize(r[:, :, :n], bits, group, axis)
+        o, os_ = ref.PAD + nq, ref.PAD + _scale_rows(nq, group, axis)
+        codes[:, :, o:o + n] = c
+        scale[:, :, os_:os_ + s.shape[2]] = s
+        mn[:, :, os_:os_ + m.shape[2]] = m
+    return ref.pad(r[:, :, n:])
 
 
-@compact.register_fake
-def _compact_fake(codes, scale, mn, res, method, bits, group, axis, residual):
+@compact_.register_fake
+def _compact_fake(codes, scale, mn, res, nq, method, bits, group, axis, residual):
     B, H, Nr, D = res.shape
     n = _n_quantize(method, bits, group, axis, residual, Nr - ref.PAD)
-    ns = n // group if axis == ref.TOKEN_AXIS else n
+    return res.new_empty((B, H, Nr - n, D))
+
+
+@torch.library.custom_op("kvquant::grow", mutates_args=())
+def grow(codes: Tensor, scale: Tensor, mn: Tensor, nq: int, capacity: int, group: int, axis: int
+         ) -> Tuple[Tensor, Tensor, Tensor]:
+    """New packed storage with room for `capacity` tokens, holding the first `nq` tokens of the old."""
+    out = _grow_fake(codes, scale, mn, nq, capacity, group, axis)
+    for new, old, rows in zip(out, (codes, scale, mn), (nq, _scale_rows(nq, group, axis), _scale_rows(nq, group, axis))):
+        new.zero_()
+        new[:, :, :ref.PAD + rows] = old[:, :, :ref.PAD + rows]
+    return out
+
+
+@grow.register_fake
+def _grow_fake(codes, scale, mn, nq, capacity, group, axis):
+    B, H = codes.shape[:2]
+    rows = ref.PAD + _scale_rows(capacity, group, axis)
     return (
-        codes.new_empty((B, H, codes.shape[2] + n, codes.shape[3])),
-        scale.new_empty((B, H, scale.shape[2] + ns, scale.shape[3])),
-        mn.new_empty((B, H, mn.shape[2] + ns, mn.shape[3])),
-        res.new_empty((B, H, Nr - n, D)),
+        codes.new_empty((B, H, ref.PAD + capacity, codes.shape[3])),
+        scale.new_empty((B, H, rows, scale.shape[3])),
+        mn.new_empty((B, H, rows, mn.shape[3])),
     )
 
 
 @torch.library.custom_op("kvquant::dequantize", mutates_args=())
 def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, meta: List[int]) -> Tensor:
-    """The full-precision cache [B, H, Nq + Nr, D] from padded (codes, scale, mn, res).
+    """The full-precision cache [B, H, Nq + Nr, D] from padded (codes, scale, mn, res);
+    meta = (bits, group, axis, nq).
 
     An op rather than torch code so that tracing it (the state's dequantize-then-run fallback under
     Dynamo) adds no guards on the token counts: broadcasting a count that happens to be 1 would
@@ -79,7 +102,7 @@ def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, meta: List
 @dequantize.register_fake
 def _dequantize_fake(codes, scale, mn, res, meta) -> Tensor:
     B, H, Nr, D = res.shape
-    return res.new_empty((B, H, codes.shape[2] + Nr - 2 * ref.PAD, D))
+    return res.new_empty((B, H, meta[3] + Nr - ref.PAD, D))
 
 
 @torch.library.custom_op("kvquant::append", mutates_args=())
@@ -125,7 +148,7 @@ def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
 @qk.register_fake
 def _qk_fake(q, k_codes, k_scale, k_mn, k_res, k_meta) -> Tensor:
     B, Hq, L, _ = q.shape
-    return q.new_empty((B, Hq, L, k_codes.shape[2] + k_res.shape[2] - 2 * ref.PAD))
+    return q.new_empty((B, Hq, L, k_meta[3] + k_res.shape[2] - ref.PAD))
 
 
 @torch.library.custom_op("kvquant::pv", mutates_args=())

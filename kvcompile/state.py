@@ -3,10 +3,17 @@
 Its logical shape and dtype are those of the full-precision cache [B, H, T, D], so model code that
 reads `keys.shape[-2]` keeps working. Its inner tensors (see kernels/reference.py for layouts):
 
-  codes  uint8 [B, H, Nq, D*bits/8]  packed codes of the Nq oldest tokens
-  scale  [B, H, Nq/G, D] or [B, H, Nq, D/G], cache dtype
+  codes  uint8 [B, H, C, D*bits/8]  packed codes of the Nq oldest tokens, then C - Nq spare rows
+  scale  [B, H, C/G, D] or [B, H, C, D/G], cache dtype
   mn     same shape as scale
   res    [B, H, Nr, D]  the newest Nr tokens in full precision;  T = Nq + Nr
+
+Nq is not stored: it is T - Nr, from the state's logical shape. Tokens leaving the residual are
+written into the spare rows in place (kvquant::compact_); when there is no room the storage grows
+by a few percent (Layout.capacity), so a step does not copy the packed cache and the bytes held stay
+within a few percent of the packed size. A state is an append-only buffer: the state a step read
+stays valid (its Nq rows are never rewritten), but two continuations of one state would write the
+same spare rows, so branch from a `clone()`.
 
 Each is stored with PAD (= 2) unused leading rows along dim 2 (kernels/reference.py: PAD). Dynamo
 specializes input sizes 0 and 1 and would compile a new graph each time a residual empties after a
@@ -46,7 +53,7 @@ class KVState(Tensor):
     @staticmethod
     def __new__(cls, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: Layout,
                 outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None) -> "KVState":
-        if outer_size is None:
+        if outer_size is None:  # no spare capacity
             B, H, Nr, D = res.shape
             outer_size = (B, H, codes.shape[2] + Nr - 2 * ref.PAD, D)
         return Tensor._make_wrapper_subclass(
@@ -72,13 +79,18 @@ class KVState(Tensor):
         lay = self.kv_layout
         return (
             f"KVState(method={lay.method!r}, role={lay.role!r}, bits={lay.bits}, shape={tuple(self.shape)}, "
-            f"dtype={self.dtype}, quantized_tokens={self.codes.shape[2] - ref.PAD}, "
-            f"residual_tokens={self.res.shape[2] - ref.PAD}, "
+            f"dtype={self.dtype}, quantized_tokens={self.n_quantized}, "
+            f"residual_tokens={self.res.shape[2] - ref.PAD}, capacity={self.codes.shape[2] - ref.PAD}, "
             f"nbytes={self.packed_nbytes()})"
         )
 
+    @property
+    def n_quantized(self):
+        """Nq, the tokens held by the packed storage (a SymInt under tracing)."""
+        return self.shape[2] - (self.res.shape[2] - ref.PAD)
+
     def packed_nbytes(self) -> int:
-        """Bytes the state really holds: codes + scales + minimums + residual."""
+        """Bytes the state really holds: codes + scales + minimums (spare rows included) + residual."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.mn, self.res))
 
     def dequantize(self) -> Tensor:
@@ -86,7 +98,8 @@ class KVState(Tensor):
         return ops.dequantize(self.codes, self.scale, self.mn, self.res, _meta(self))
 
     def _map(self, fn) -> "KVState":
-        return KVState(fn(self.codes), fn(self.scale), fn(self.mn), fn(self.res), self.kv_layout)
+        out = [fn(t) for t in (self.codes, self.scale, self.mn, self.res)]
+        return KVState(*out, self.kv_layout, outer_size=(out[3].shape[0], *self.shape[1:]))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -126,7 +139,22 @@ def _index_select(s: KVState, dim: int, index: Tensor) -> Any:
     return s._map(lambda t: t.index_select(0, index.to(t.device)))
 
 
+def _copy_(dst: KVState, src: Any, non_blocking: bool = False) -> Any:
+    """State-to-state copy of the same layout and sizes (AOTAutograd writes mutated inputs back so)."""
+    if not (isinstance(dst, KVState) and isinstance(src, KVState) and dst.kv_layout == src.kv_layout
+            and all(a.shape == b.shape for a, b in zip(_inner(dst), _inner(src)))):
+        return NotImplemented
+    for a, b in zip(_inner(dst), _inner(src)):
+        a.copy_(b, non_blocking=non_blocking)
+    return dst
+
+
+def _inner(s: KVState) -> tuple:
+    return s.codes, s.scale, s.mn, s.res
+
+
 _HANDLERS = {
+    aten.copy_.default: _copy_,
     aten.detach.default: _detach,
     aten.clone.default: _clone,
     aten._to_copy.default: _to_copy,
@@ -149,12 +177,19 @@ def _empty_packed(like: Tensor, layout: Layout, B, H, D) -> tuple:
 
 
 def kv_compact(s: KVState) -> KVState:
-    """Quantize the residual tokens the method no longer keeps in full precision."""
+    """Quantize the residual tokens the method no longer keeps in full precision, in place in the
+    packed storage (grown first if it has no room: a shape branch, so growing steps run a graph of
+    their own)."""
     lay = s.kv_layout
     if not lay.quantized:
         return s
-    out = ops.compact(s.codes, s.scale, s.mn, s.res, lay.method, lay.bits, lay.group, lay.axis, lay.residual)
-    return KVState(*out, lay)
+    nq = s.n_quantized
+    need = nq + lay.n_quantize(s.res.shape[2] - ref.PAD)
+    codes, scale, mn = s.codes, s.scale, s.mn
+    if need > codes.shape[2] - ref.PAD:
+        codes, scale, mn = ops.grow(codes, scale, mn, nq, lay.capacity(need), lay.group, lay.axis)
+    res = ops.compact_(codes, scale, mn, s.res, nq, lay.method, lay.bits, lay.group, lay.axis, lay.residual)
+    return KVState(codes, scale, mn, res, lay, outer_size=s.shape)
 
 
 def kv_store(full: Tensor, layout: tuple) -> KVState:
@@ -167,11 +202,13 @@ def kv_store(full: Tensor, layout: tuple) -> KVState:
 
 def kv_append(past: KVState, new: Tensor) -> KVState:
     """Append new tokens [B, H, L, D] to the full-precision residual (lossless, no compaction)."""
-    return KVState(past.codes, past.scale, past.mn, ops.append(past.res, new), past.kv_layout)
+    B, H, T, D = past.shape
+    return KVState(past.codes, past.scale, past.mn, ops.append(past.res, new), past.kv_layout,
+                   outer_size=(B, H, T + new.shape[2], D))
 
 
 def _meta(s: KVState) -> list:
-    return [s.kv_layout.bits, s.kv_layout.group, s.kv_layout.axis]
+    return [s.kv_layout.bits, s.kv_layout.group, s.kv_layout.axis, s.n_quantized]
 
 
 def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Tensor] = None,

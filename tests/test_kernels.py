@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: no GPU in CI
@@ -82,6 +83,19 @@ def packed(B: int, H: int, nq: int, nr: int, D: int, meta, dtype, gen: torch.Gen
     return tuple(ref.pad(t) for t in (codes, scale, mn, res))
 
 
+def with_spare(t, spare: int, meta, nq: int):
+    """Packed storage with `spare` garbage rows after its Nq tokens (preallocated capacity, as the
+    state keeps it) and the 4-field meta (bits, group, axis, nq) that tells the kernel where it ends."""
+    codes, scale, mn, res = t
+    if spare and meta[0] < 16:
+        B, H = codes.shape[:2]
+        codes = torch.cat([codes, torch.full((B, H, spare, codes.shape[3]), 0xFF, dtype=torch.uint8)], dim=2)
+        junk = torch.full((B, H, spare, scale.shape[3]), 1e4 if scale.dtype != torch.float16 else 6e4,
+                          dtype=scale.dtype)
+        scale, mn = torch.cat([scale, junk], dim=2), torch.cat([mn, -junk], dim=2)
+    return (codes, scale, mn, res), (*meta, nq if meta[0] < 16 else 0)
+
+
 def oracle_attention(q, k, v, k_meta, v_meta, attn_mask=None, is_causal=False, scale=None):
     """Dequantize in float64, then softmax attention in float64."""
     K = ref.full_padded(k[0], k[1].double(), k[2].double(), k[3].double(), *k_meta)
@@ -129,11 +143,8 @@ def quant_case(draw):
         n = group * draw(st.integers(1, 3))
         d = per * draw(st.sampled_from([1, 2, 3, 4, 16]))
     else:
-        group = draw(st.sampled_from([1, 2, 4, 8, 12, 16, 32]))
-        if group % per and per % group:
-            group *= per
-        unit = group * per // torch.gcd(torch.tensor(group), torch.tensor(per)).item()  # lcm(group, per)
-        d = unit * draw(st.integers(1, 3))
+        group = draw(st.sampled_from([1, 2, 4, 8, 12, 16, 32]))  # each a multiple or divisor of per
+        d = math.lcm(group, per) * draw(st.integers(1, 3))
         n = draw(st.integers(1, 9))
     shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), n, d)
     dtype = draw(st.sampled_from(DTYPES))
@@ -250,7 +261,7 @@ def test_quantize_rejects_bad_arguments():
 
 
 def run_attention(B, Hkv, gq, L, D, k_meta, v_meta, nq_k, nr_k, nq_v, dtype, mask_kind="none", is_causal=False,
-                  scale=None, num_splits=None, block_n=16, seed=0, dv=None):
+                  scale=None, num_splits=None, block_n=16, seed=0, dv=None, spare=0):
     gen = torch.Generator().manual_seed(seed)
     T = nq_k + nr_k
     dv = D if dv is None else dv
@@ -259,12 +270,16 @@ def run_attention(B, Hkv, gq, L, D, k_meta, v_meta, nq_k, nr_k, nq_v, dtype, mas
     q = torch.randn(B, Hkv * gq, L, D, generator=gen).to(dtype)
     mask = padding_mask(B, Hkv * gq, L, T, mask_kind, dtype, gen)
     kw = dict(attn_mask=mask, is_causal=is_causal, scale=scale)
-    out = ta.attention_with_config(q, *k, *v, k_meta, v_meta, **kw, num_splits=num_splits, block_n=block_n)
+    if spare:  # the kernel reads storage with spare capacity; reference and oracle the exact rows
+        (ks, km4), (vs, vm4) = with_spare(k, spare, k_meta, nq_k), with_spare(v, spare, v_meta, nq_v)
+        out = ta.attention_with_config(q, *ks, *vs, km4, vm4, **kw, num_splits=num_splits, block_n=block_n)
+    else:
+        out = ta.attention_with_config(q, *k, *v, k_meta, v_meta, **kw, num_splits=num_splits, block_n=block_n)
     assert out.is_contiguous() and out.shape == (B, Hkv * gq, L, dv)
     expected = ref.attention(q, k, v, k_meta, v_meta, **kw)
     oracle = oracle_attention(q, k, v, k_meta, v_meta, **kw)
     name = (f"attention B={B} Hkv={Hkv} gq={gq} L={L} D={D} T={T} k={k_meta} Nq_k={nq_k} v={v_meta} Nq_v={nq_v} "
-            f"{dtype} mask={mask_kind} causal={is_causal} splits={num_splits} block_n={block_n}")
+            f"{dtype} mask={mask_kind} causal={is_causal} splits={num_splits} block_n={block_n} spare={spare}")
     assert_error_within(out, expected, oracle, name)
 
 
@@ -278,12 +293,13 @@ def attention_case(draw):
 
     def meta(axis):
         bits = draw(st.sampled_from([2, 4, 16]))
-        group = draw(st.sampled_from([2, 4, 8])) if axis == ref.TOKEN_AXIS else draw(st.sampled_from([4, 8, 16]))
+        # token groups of 16 / 32 hold whole tiles of 16 / 32 tokens: the kernel's one-scale-row path
+        group = draw(st.sampled_from([2, 4, 8, 16, 32] if axis == ref.TOKEN_AXIS else [4, 8, 16]))
         return (bits, group, axis)
 
     k_meta, v_meta = meta(k_axis), meta(v_axis)
     kg = k_meta[1] if k_axis == ref.TOKEN_AXIS else 1
-    nq_k = kg * draw(st.integers(0, 24 // kg))
+    nq_k = kg * draw(st.integers(0, max(1, 32 // kg)))
     nr_k = draw(st.integers(0 if nq_k else 1, 17))
     T = nq_k + nr_k
     vg = v_meta[1] if v_axis == ref.TOKEN_AXIS else 1
@@ -295,7 +311,7 @@ def attention_case(draw):
         dtype=draw(st.sampled_from(DTYPES)), mask_kind="none" if mask_kind == "causal" else mask_kind,
         is_causal=mask_kind == "causal", scale=draw(st.sampled_from([None, 0.2])),
         num_splits=draw(st.sampled_from([None, 1, 2, 3])), block_n=draw(st.sampled_from([16, 32])),
-        seed=draw(st.integers(0, 2**31 - 1)),
+        seed=draw(st.integers(0, 2**31 - 1)), spare=draw(st.sampled_from([0, 0, 5])),
     )
 
 
@@ -309,6 +325,7 @@ KIVI_K = (2, 4, ref.TOKEN_AXIS)
 KIVI_V = (2, 8, ref.CHANNEL_AXIS)
 
 
+@pytest.mark.parametrize("block_n", [16, None])  # None: the launcher's default tile
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "B,Hkv,gq,L,D,k_meta,v_meta,nq_k,nr_k,nq_v,mask_kind,num_splits",
@@ -322,12 +339,22 @@ KIVI_V = (2, 8, ref.CHANNEL_AXIS)
         (2, 2, 1, 2, 16, (16, 1, 2), (16, 1, 3), 0, 19, 0, "bool", 2),  # method "none": residual only
         (1, 1, 2, 1, 8, KIVI_K, (4, 4, 3), 8, 3, 7, "none", None),  # head_dim 8 < 16: padded tile
         (1, 1, 3, 2, 24, (4, 4, 3), (2, 4, 2), 12, 5, 16, "none", 2),  # swapped axes, non-pow2 D
+        (1, 2, 4, 1, 64, (2, 32, 2), (2, 32, 3), 64, 7, 43, "bool", 2),  # KIVI defaults (G=32)
+        (2, 1, 4, 1, 64, (4, 32, 2), (4, 16, 2), 96, 33, 128, "additive", None),  # token-axis values too
     ],
 )
-def test_attention_regression(B, Hkv, gq, L, D, k_meta, v_meta, nq_k, nr_k, nq_v, mask_kind, num_splits, dtype):
+def test_attention_regression(B, Hkv, gq, L, D, k_meta, v_meta, nq_k, nr_k, nq_v, mask_kind, num_splits, dtype,
+                              block_n):
     run_attention(B, Hkv, gq, L, D, k_meta, v_meta, nq_k, nr_k, nq_v, dtype,
                   mask_kind="none" if mask_kind == "causal" else mask_kind, is_causal=mask_kind == "causal",
-                  num_splits=num_splits)
+                  num_splits=num_splits, block_n=block_n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_spare_capacity(dtype):
+    """Packed storage preallocated past its Nq tokens (meta carries nq): the garbage rows are never read."""
+    run_attention(2, 2, 3, 1, 64, (2, 32, 2), (2, 32, 3), 64, 9, 45, dtype, mask_kind="bool", spare=40,
+                  num_splits=2)
 
 
 def test_attention_value_head_dim_differs():
@@ -358,6 +385,20 @@ def test_attention_fully_masked_row_is_zero():
     expected = ref.attention(q, k, v, KIVI_K, KIVI_V, attn_mask=mask)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+def test_attention_row_masked_by_finite_minimum():
+    """transformers masks with finfo.min, not -inf: a row masked everywhere then averages the
+    values (softmax of equal finite logits), as SDPA does; the kernel must not overflow to 0."""
+    gen = torch.Generator().manual_seed(4)
+    k = packed(1, 1, 8, 3, 16, KIVI_K, torch.float32, gen)
+    v = packed(1, 1, 4, 7, 16, KIVI_V, torch.float32, gen)
+    q = torch.randn(1, 2, 2, 16, generator=gen)
+    mask = torch.zeros(1, 1, 2, 11)
+    mask[..., 1, :] = torch.finfo(torch.float32).min
+    mask[..., 0, :4] = torch.finfo(torch.float32).min
+    out = ta.attention_with_config(q, *k, *v, KIVI_K, KIVI_V, attn_mask=mask, num_splits=2, block_n=16)
+    torch.testing.assert_close(out, ref.attention(q, k, v, KIVI_K, KIVI_V, attn_mask=mask), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_rejects_bad_arguments():
@@ -396,13 +437,16 @@ def test_qk_pv_match_float64(case):
     q = torch.randn(B, Hkv * gq, L, D, generator=gen).to(dtype)
     hq = Hkv * gq
 
+    (ks, km4), (vs, vm4) = with_spare(k, case["spare"], case["k_meta"], case["nq_k"]), \
+        with_spare(v, case["spare"], case["v_meta"], case["nq_v"])
+
     # -- scores --
-    s = ta.qk(q, *k, case["k_meta"], block_n=case["block_n"])
+    s = ta.qk(q, *ks, km4, block_n=case["block_n"])
     K64 = ref._repeat_heads(ref.full_padded(k[0], k[1].double(), k[2].double(), k[3].double(), *case["k_meta"]), hq)
     assert_error_within(s, ref.qk(q, k, case["k_meta"]), q.double() @ K64.transpose(2, 3), f"qk {case}")
 
     # -- probabilities times values --
     p = torch.softmax(torch.randn(B, hq, L, T, generator=gen), dim=-1).to(dtype)
-    o = ta.pv(p, *v, case["v_meta"], num_splits=case["num_splits"], block_n=case["block_n"])
+    o = ta.pv(p, *vs, vm4, num_splits=case["num_splits"], block_n=case["block_n"])
     V64 = ref._repeat_heads(ref.full_padded(v[0], v[1].double(), v[2].double(), v[3].double(), *case["v_meta"]), hq)
     assert_error_within(o, ref.pv(p, v, case["v_meta"]), p.double() @ V64, f"pv {case}")

@@ -34,7 +34,7 @@ def test_attention_ops(B, Hq, Hkv, Nq, Nr, D, L):
     k, K = _packed(B, Hkv, Nq, Nr, D, 2, 4, TOKEN_AXIS, seed=1)
     v, V = _packed(B, Hkv, Nq, Nr, D, 4, 4, CHANNEL_AXIS, seed=2)
     q = torch.randn(B, Hq, L, D)
-    km, vm = [2, 4, TOKEN_AXIS], [4, 4, CHANNEL_AXIS]
+    km, vm = [2, 4, TOKEN_AXIS, Nq], [4, 4, CHANNEL_AXIS, Nq]
     T = Nq + Nr
     mask = torch.randn(B, 1, L, T)
     args = (q, *k, *v, km, vm, mask, 0.0, False, 0.3)
@@ -51,18 +51,28 @@ def test_attention_ops(B, Hq, Hkv, Nq, Nr, D, L):
 
 @pytest.mark.parametrize("axis, Nr, expect_n", [(TOKEN_AXIS, 7, 0), (TOKEN_AXIS, 8, 8), (TOKEN_AXIS, 17, 16),
                                                 (CHANNEL_AXIS, 8, 0), (CHANNEL_AXIS, 11, 3)])
-def test_compact(axis, Nr, expect_n):
+def test_compact_writes_in_place(axis, Nr, expect_n):
     (c, s, m, r), full = _packed(2, 2, 8, Nr, 8, 2, 4, axis)
-    args = (c, s, m, r, "kivi", 2, 4, axis, 8)
-    torch.library.opcheck(ops.compact, args)
-    c2, s2, m2, r2 = ops.compact(*args)
-    assert c2.shape[2] - ref.PAD == 8 + expect_n and r2.shape[2] - ref.PAD == Nr - expect_n
-    # the tokens that left the residual are now quantized exactly as the reference quantizer does
-    want = ref.quantize(ref.unpad(r)[:, :, :expect_n], 2, 4, axis)
-    got = (ref.unpad(c2)[:, :, 8:], ref.unpad(s2)[:, :, s.shape[2] - ref.PAD:], ref.unpad(m2)[:, :, m.shape[2] - ref.PAD:])
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+    # storage with room for 16 more tokens, holding the 8 quantized ones
+    c, s, m = ops.grow(c, s, m, 8, 24, 4, axis)
+    torch.library.opcheck(ops.grow, (c, s, m, 8, 32, 4, axis))
+    args = (c, s, m, r, 8, "kivi", 2, 4, axis, 8)
+    torch.library.opcheck(ops.compact_, tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in args))
+    before = [t.clone() for t in (c, s, m)]
+    ptrs = [t.data_ptr() for t in (c, s, m)]
+    r2 = ops.compact_(*args)
+    assert [t.data_ptr() for t in (c, s, m)] == ptrs
+    assert r2.shape[2] - ref.PAD == Nr - expect_n
     assert torch.equal(ref.unpad(r2), ref.unpad(r)[:, :, expect_n:])
+    # the tokens that left the residual are quantized exactly as the reference quantizer does, after the 8
+    want = ref.quantize(ref.unpad(r)[:, :, :expect_n], 2, 4, axis)
+    ns = 2 if axis == TOKEN_AXIS else 8
+    for got, old, w, rows in zip((c, s, m), before, want, (8, ns, ns)):
+        n = w.shape[2]
+        assert torch.equal(got[:, :, ref.PAD + rows:ref.PAD + rows + n], w)
+        assert torch.equal(got[:, :, :ref.PAD + rows], old[:, :, :ref.PAD + rows])  # older tokens untouched
+    full2 = ops.dequantize(c, s, m, r2, [2, 4, axis, 8 + expect_n])
+    torch.testing.assert_close(full2[:, :, :8], full[:, :, :8], atol=0, rtol=0)
 
 
 def test_append_and_quantize():

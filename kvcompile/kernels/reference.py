@@ -10,7 +10,8 @@ Shapes (B batch, H heads, N tokens, D head_dim, Hq query heads, L query length, 
 The state stores each of codes, scale, mn and res with PAD unused leading rows along dim 2 (see
 state.py: it keeps every dynamic size >= 2, so Dynamo never specializes a size to 0 or 1 and a
 generation compiles a bounded, small number of graphs). Functions named `*_padded` take padded
-tensors; the others take plain ones.
+tensors; the others take plain ones. The packed storage (codes, scale, mn) may have spare rows
+after its Nq tokens, so that appending writes in place; ops are told Nq (`meta[3]`).
 
 Asymmetric b-bit quantization of a group x: mn = min(x), scale = (max(x) - mn) / (2^b - 1),
 code = clamp(floor((x - mn) / scale + 0.5), 0, 2^b - 1), dequantized code * scale + mn.
@@ -96,8 +97,18 @@ def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group: int, 
     return x.reshape(B, H, N, head_dim).to(scale.dtype)
 
 
-def full_padded(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int) -> Tensor:
-    """The whole cache [B, H, Nq + Nr, D] from padded inner tensors: dequantized tokens, then the residual."""
+def used_rows(codes: Tensor, scale: Tensor, mn: Tensor, group: int, axis: int, nq) -> Tuple[Tensor, Tensor, Tensor]:
+    """The padded codes, scale and mn cut to their first Nq tokens (storage may hold spare capacity)."""
+    ns = nq // group if axis == TOKEN_AXIS else nq
+    return codes[:, :, :PAD + nq], scale[:, :, :PAD + ns], mn[:, :, :PAD + ns]
+
+
+def full_padded(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int,
+                nq=None) -> Tensor:
+    """The whole cache [B, H, Nq + Nr, D] from padded inner tensors: dequantized tokens, then the residual.
+    `nq`: how many tokens the packed storage holds (None: all its rows, no spare capacity)."""
+    if nq is not None:
+        codes, scale, mn = used_rows(codes, scale, mn, group, axis, nq)
     return full(unpad(codes), unpad(scale), unpad(mn), unpad(res), bits, group, axis)
 
 
@@ -132,7 +143,8 @@ def attention(
     """scaled_dot_product_attention of q [B, Hq, L, D] over the (packed) keys and values.
 
     k, v: padded (codes, scale, mn, res) with Hkv heads; Hkv divides Hq (GQA/MQA).
-    k_meta, v_meta: (bits, group, axis). Returns [B, Hq, L, Dv], contiguous.
+    k_meta, v_meta: (bits, group, axis, nq), nq the number of quantized tokens (the packed storage may
+    have spare rows after them). Returns [B, Hq, L, Dv], contiguous.
     """
     K = full_padded(*k, *k_meta)
     V = full_padded(*v, *v_meta)

@@ -10,7 +10,8 @@ Layouts (see reference.py; every inner tensor has PAD unused leading rows along 
   k_scale, k_mn     [B, Hkv, PAD + Nq / G, D]  (axis 2)  or  [B, Hkv, PAD + Nq, D / G]  (axis 3)
   k_res             [B, Hkv, PAD + Nr, D]             the newest Nr tokens; T = Nq + Nr
   v_*               the same with Dv, and their own Nq, Nr (K and V flush at different times)
-  meta              (bits, group, axis); bits 16: nothing quantized, only res holds tokens
+  meta              (bits, group, axis[, nq]); bits 16: nothing quantized, only res holds tokens;
+                    with nq, codes/scale/mn may have spare rows after their nq tokens
 
 How the kernel reads them:
   * one program serves all Hq / Hkv query heads of one KV head: their L query rows are stacked
@@ -19,7 +20,8 @@ How the kernel reads them:
   * K/V tiles of BLOCK_N tokens are dequantized in registers (code * scale + mn, float32, then
     rounded to q's dtype as the reference does); tokens < Nq come from the codes, the rest from
     the residual; a tile straddling the boundary takes both;
-  * online softmax in base 2 (exp2, scale folded with log2(e));
+  * online softmax in natural units (tl.exp: an additive mask of -3.4e38 stays finite, so a row
+    masked everywhere by a finite minimum averages its values exactly as SDPA does);
   * flash-decoding: the T axis is cut into `num_splits` chunks of whole tiles, one program each
     (grid (B * Hkv, num_splits, M blocks)); each writes its partial (m, l, acc) and a reduction
     kernel combines them. With one split the kernel writes the output directly.
@@ -27,6 +29,7 @@ How the kernel reads them:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Sequence, Tuple
@@ -42,7 +45,6 @@ from .triton_quantize import round_to_storage
 PAD = ref.PAD
 TOKEN_AXIS = ref.TOKEN_AXIS
 CHANNEL_AXIS = ref.CHANNEL_AXIS
-LOG2E = 1.4426950408889634
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _MASK_NONE, _MASK_ADD, _MASK_BOOL = 0, 1, 2
@@ -73,17 +75,31 @@ def _kv_tile(
     if BITS < 16:
         if start_n < nq:
             # -- unpack codes: channel d is in byte d // PER at bit (d % PER) * BITS --
-            PER: tl.constexpr = 8 // BITS
+            # load whole bytes (contiguous, vectorized), split each into its PER codes, and
+            # interleave them back into channel order
             q_ok = (offs_n < nq)[:, None] & d_ok[None, :]
-            byte = tl.load(C + offs_n[:, None] * stride_cn + (offs_d // PER)[None, :], mask=q_ok, other=0)
-            code = (byte.to(tl.int32) >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+            offs_b = tl.arange(0, BLOCK_D // (8 // BITS))
+            b_ok = (offs_n < nq)[:, None] & (offs_b < DIM // (8 // BITS))[None, :]
+            byte = tl.load(C + offs_n[:, None] * stride_cn + offs_b[None, :], mask=b_ok, other=0).to(tl.int32)
+            if BITS == 4:  # 2 codes a byte
+                code = tl.interleave(byte & 15, (byte >> 4) & 15)
+            else:  # BITS == 2: 4 codes a byte
+                code = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3),
+                                     tl.interleave((byte >> 2) & 3, (byte >> 6) & 3))
             # -- scale / mn of each element's group --
-            if AXIS == 2:
-                sp = (offs_n // GROUP)[:, None] * stride_sn + offs_d[None, :]
+            if AXIS == 2 and GROUP % BLOCK_N == 0:
+                # the tile lies inside one token group (start_n and Nq are multiples of BLOCK_N
+                # and GROUP): one row of scales, broadcast over the tile's tokens
+                sp = (start_n // GROUP) * stride_sn + offs_d
+                sc = tl.load(S + sp, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+                mn = tl.load(MN + sp, mask=d_ok, other=0.0).to(tl.float32)[None, :]
             else:
-                sp = offs_n[:, None] * stride_sn + (offs_d // GROUP)[None, :]
-            sc = tl.load(S + sp, mask=q_ok, other=0.0).to(tl.float32)
-            mn = tl.load(MN + sp, mask=q_ok, other=0.0).to(tl.float32)
+                if AXIS == 2:
+                    sp = (offs_n // GROUP)[:, None] * stride_sn + offs_d[None, :]
+                else:
+                    sp = offs_n[:, None] * stride_sn + (offs_d // GROUP)[None, :]
+                sc = tl.load(S + sp, mask=q_ok, other=0.0).to(tl.float32)
+                mn = tl.load(MN + sp, mask=q_ok, other=0.0).to(tl.float32)
             x = code.to(tl.float32) * sc + mn
     if start_n + BLOCK_N > nq:
         # -- full-precision residual: token n is residual row n - nq --
@@ -143,7 +159,7 @@ def _attn_fwd_kernel(
     K*     see the module docstring; strides (batch, head, row) per tensor, last stride 1
     MASK   [B, Hq, L, T]           a broadcast view (strides may be 0); additive float or uint8
     OUT    [B, Hq, L, DV]          written when not WRITE_PARTIAL (a single split)
-    PART_M, PART_L  [B*HKV, N_SPLITS, GQ*L]      fp32 running max (base 2) and sum, else
+    PART_M, PART_L  [B*HKV, N_SPLITS, GQ*L]      fp32 running max and sum, else
     PART_ACC        [B*HKV, N_SPLITS, GQ*L, DV]  fp32 unnormalized output
     grid: (B * HKV, N_SPLITS, cdiv(GQ * L, BLOCK_M))
     """
@@ -189,14 +205,14 @@ def _attn_fwd_kernel(
         k = _kv_tile(kc, ks, km, kr, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, T,
                      K_BITS, K_GROUP, K_AXIS, D, BLOCK_N, BLOCK_D)
         k = _as_operand(k, COMPUTE, RNE_BF16, UPCAST)
-        qk = _mm(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
+        qk = _mm(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N] logits
 
         # -- mask: padding keys, attn_mask, causal --
         offs_n = start_n + tl.arange(0, BLOCK_N)
         valid = m_ok[:, None] & (offs_n < hi)[None, :]
         if MASK_KIND == 1:
             add = tl.load(mask_row[:, None] + offs_n[None, :] * stride_mn, mask=valid, other=0.0)
-            qk = qk + add.to(tl.float32) * 1.4426950408889634
+            qk = qk + add.to(tl.float32)  # natural units: a finite -3.4e38 stays finite, as in SDPA
         if MASK_KIND == 2:
             keep = tl.load(mask_row[:, None] + offs_n[None, :] * stride_mn, mask=valid, other=0)
             valid = valid & (keep != 0)
@@ -207,8 +223,8 @@ def _attn_fwd_kernel(
         # -- online softmax (rows with every key masked so far keep m = -inf, p = 0) --
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
 
         # -- dequantize a V tile, acc += p V --
@@ -239,8 +255,8 @@ def _attn_reduce_kernel(
     HKV, GQ, L, N_SPLITS,
     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
-    """Combine the N_SPLITS partial (m, l, acc) of each stacked row: out = sum_s 2^(m_s - m) acc_s /
-    sum_s 2^(m_s - m) l_s with m = max_s m_s.
+    """Combine the N_SPLITS partial (m, l, acc) of each stacked row: out = sum_s e^(m_s - m) acc_s /
+    sum_s e^(m_s - m) l_s with m = max_s m_s.
 
     PART_*  see _attn_fwd_kernel;  OUT [B, Hq, L, DV], last stride 1
     grid: (B * HKV, cdiv(GQ * L, BLOCK_M))
@@ -266,8 +282,8 @@ def _attn_reduce_kernel(
         acc_s = tl.load(PART_ACC + part[:, None] * DV + offs_dv[None, :], mask=m_ok[:, None] & dv_ok, other=0.0)
         m_new = tl.maximum(m, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp2(m - m_safe)
-        c = tl.exp2(m_s - m_safe)
+        a = tl.exp(m - m_safe)
+        c = tl.exp(m_s - m_safe)
         l = l * a + l_s * c
         acc = acc * a[:, None] + acc_s * c[:, None]
         m = m_new
@@ -395,13 +411,16 @@ def _pv_kernel(
 
 
 class _Packed:
-    """One padded cache tensor (codes, scale, mn, res) + meta, validated, with its kernel args."""
+    """One padded cache tensor (codes, scale, mn, res) + meta, validated, with its kernel args.
+
+    meta = (bits, group, axis) or (bits, group, axis, nq). With nq the packed storage may hold spare
+    rows after its nq tokens (preallocated capacity); without it every row is a token."""
 
     def __init__(self, name: str, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, meta: Sequence[int],
                  batch: int, heads: int):
-        if len(meta) != 3:
-            raise ValueError(f"{name}_meta must be (bits, group, axis); got {tuple(meta)}")
-        bits, group, axis = (int(v) for v in meta)
+        if len(meta) not in (3, 4):
+            raise ValueError(f"{name}_meta must be (bits, group, axis) or (bits, group, axis, nq); got {tuple(meta)}")
+        bits, group, axis = (int(v) for v in meta[:3])
         if res.dim() != 4 or res.shape[0] != batch or res.shape[2] < PAD:
             raise ValueError(f"{name}_res must be [B={batch}, Hkv, PAD + Nr, D] with PAD={PAD}; got {list(res.shape)}")
         self.heads, self.dim = res.shape[1], res.shape[3]
@@ -418,21 +437,22 @@ class _Packed:
             if axis not in (TOKEN_AXIS, CHANNEL_AXIS):
                 raise ValueError(f"{name}_meta axis must be {TOKEN_AXIS} or {CHANNEL_AXIS}; got {axis}")
             per = 8 // bits
-            self.nq = codes.shape[2] - PAD
-            D = self.dim
-            want_s = (PAD + self.nq // group, D) if axis == TOKEN_AXIS else (PAD + self.nq, D // group)
+            self.nq = int(meta[3]) if len(meta) == 4 else codes.shape[2] - PAD
+            D, nq = self.dim, self.nq
+            srows, swidth = (nq // group, D) if axis == TOKEN_AXIS else (nq, D // group)
             ok = (
-                self.nq >= 0 and D % per == 0 and tuple(codes.shape) == (batch, self.heads, PAD + self.nq, D // per)
-                and codes.dtype == torch.uint8 and tuple(scale.shape) == (batch, self.heads) + want_s
-                and scale.shape == mn.shape and (axis == CHANNEL_AXIS or self.nq % group == 0)
-                and (axis == TOKEN_AXIS or D % group == 0)
+                nq >= 0 and D % per == 0 and codes.dim() == 4 and codes.dtype == torch.uint8
+                and tuple(codes.shape[:2]) == (batch, self.heads) and codes.shape[3] == D // per
+                and codes.shape[2] >= PAD + nq and scale.dim() == 4 and tuple(scale.shape[:2]) == (batch, self.heads)
+                and scale.shape[3] == swidth and scale.shape[2] >= PAD + srows and scale.shape == mn.shape
+                and (axis == CHANNEL_AXIS or nq % group == 0) and (axis == TOKEN_AXIS or D % group == 0)
             )
             if not ok:
                 raise ValueError(
                     f"{name}: inconsistent packed cache for meta {tuple(meta)}: codes {list(codes.shape)} "
                     f"({codes.dtype}), scale {list(scale.shape)}, mn {list(mn.shape)}, res {list(res.shape)}; "
-                    f"expected codes [B, Hkv, PAD + Nq, D*bits/8] uint8 and scale/mn "
-                    f"[B, Hkv, PAD + {'Nq/G, D' if axis == TOKEN_AXIS else 'Nq, D/G'}] (PAD={PAD})"
+                    f"expected codes [B, Hkv, >= PAD + Nq, D*bits/8] uint8 and scale/mn "
+                    f"[B, Hkv, >= PAD + {'Nq/G, D' if axis == TOKEN_AXIS else 'Nq, D/G'}] (PAD={PAD}, Nq={nq})"
                 )
             self.codes, self.scale, self.mn = (t if t.stride(3) == 1 else t.contiguous() for t in (codes, scale, mn))
         self.ntok = self.nq + res.shape[2] - PAD
@@ -455,23 +475,40 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
                 IEEE=dtype == torch.float32 or upcast)
 
 
-def _blocks(D: int, Dv: int, rows: int, block_n: Optional[int]) -> Tuple[int, int, int, int]:
+def _blocks(D: int, Dv: int, rows: int, dtype: torch.dtype, block_n: Optional[int],
+            num_warps: Optional[int]) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_warps). Defaults chosen from register use on sm_90
+    (ptxas, compiled without a GPU): the largest key tile that does not spill, 8 warps for big ones."""
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(Dv))
     block_m = min(max(16, triton.next_power_of_2(rows)), 64)
+    width = max(block_d, block_dv)
+    wide = 2048 if dtype == torch.float32 else 4096  # tile elements from which 8 warps pay
     if block_n is None:
-        block_n = 64 if max(block_d, block_dv) <= 128 else 32
+        if dtype == torch.float32:
+            block_n = 32 if width <= 64 else 16
+        else:
+            block_n = 64 if width <= 128 else 16
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16; got {block_n}")
-    return block_m, block_n, block_d, block_dv
+    if num_warps is None:
+        num_warps = 8 if block_n * width >= wide else 4
+    return block_m, block_n, block_d, block_dv, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_splits(device: torch.device, programs: int, n_tiles: int) -> int:
-    """Enough splits along T to give every SM about two programs (flash-decoding)."""
+    """Enough splits along T to give every SM about two programs (flash-decoding), keeping at least
+    two tiles per split so the partial results stay small next to the cache they summarize."""
     if device.type != "cuda" or _interpreting():
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, triton.cdiv(2 * sms, max(programs, 1))))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    want = triton.cdiv(2 * sms, max(programs, 1))
+    return max(1, min(want, n_tiles // 2))
 
 
 def _check_q(q: Tensor, name: str = "q") -> None:
@@ -508,7 +545,8 @@ def attention(
 
     The semantics of `reference.attention` with its (codes, scale, mn, res) tuples spelled out:
       k_*, v_*: padded inner tensors with Hkv heads, Hkv divides Hq; query head h reads KV head
-                h // (Hq / Hkv). k_meta, v_meta: (bits, group, axis), bits 2, 4 or 16.
+                h // (Hq / Hkv). k_meta, v_meta: (bits, group, axis) or (bits, group, axis, nq),
+                bits 2, 4 or 16; with nq, the packed storage may have spare rows after nq tokens.
       attn_mask: additive float or boolean (True = attend), broadcastable to [B, Hq, L, T].
       is_causal: query i sees keys j <= i (top-left aligned, as SDPA); not with attn_mask.
       dropout_p: must be 0.  scale: default 1 / sqrt(D).
@@ -534,11 +572,13 @@ def attention_with_config(
     *,
     num_splits: Optional[int] = None,
     block_n: Optional[int] = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: Optional[int] = None,
+    num_stages: int = 1,
 ) -> Tensor:
     """`attention` with the launch configuration exposed (tests, benchmarks): num_splits (T chunks;
-    default: enough to fill the GPU), block_n (tokens per tile, a power of two >= 16)."""
+    default: enough to fill the GPU), block_n (tokens per tile, a power of two >= 16), num_warps
+    (default by tile size), num_stages (the loop branches on the tile kind, so Triton does not
+    pipeline it; kept for experiments)."""
     _check_q(q)
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p must be 0 for the quantized KV attention (inference); got {dropout_p}")
@@ -560,9 +600,8 @@ def attention_with_config(
     out = torch.empty((B, Hq, L, Dv), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    if T == 0:  # nothing to attend: whatever SDPA does with no keys
-        return ref.attention(q, (k_codes, k_scale, k_mn, k_res), (v_codes, v_scale, v_mn, v_res), tuple(k_meta),
-                             tuple(v_meta), attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    if T == 0:  # no keys: torch's SDPA gives zeros
+        return out.zero_()
 
     mask_kind, mask, mstr = _MASK_NONE, q, (0, 0, 0, 0)
     if attn_mask is not None:
@@ -571,12 +610,12 @@ def attention_with_config(
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     rows = gq * L
-    block_m, block_n, block_d, block_dv = _blocks(D, Dv, rows, block_n)
+    block_m, block_n, block_d, block_dv, num_warps = _blocks(D, Dv, rows, q.dtype, block_n, num_warps)
     n_mblk = triton.cdiv(rows, block_m)
     n_tiles = triton.cdiv(T, block_n)
     if num_splits is None:
         num_splits = _num_splits(q.device, B * Hkv * n_mblk, n_tiles)
-    num_splits = max(1, min(int(num_splits), n_tiles))
+    num_splits = max(1, min(int(num_splits), n_tiles, 65535))  # 65535: grid dim 1 limit
     tiles_per_split = triton.cdiv(n_tiles, num_splits)
     num_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty split
     partial = num_splits > 1
@@ -595,7 +634,7 @@ def attention_with_config(
     _attn_fwd_kernel[grid](
         q, kc, ks, km, kr, vc, vs, vm, vr, mask, out, part_m, part_l, part_acc,
         *q.stride(), *kstr, *vstr, *mstr, out.stride(0), out.stride(1), out.stride(2),
-        Hkv, gq, L, T, K.nq, V.nq, tiles_per_split, num_splits, sm_scale * LOG2E,
+        Hkv, gq, L, T, K.nq, V.nq, tiles_per_split, num_splits, sm_scale,
         K_BITS=kconst["BITS"], K_GROUP=kconst["GROUP"], K_AXIS=kconst["AXIS"],
         V_BITS=vconst["BITS"], V_GROUP=vconst["GROUP"], V_AXIS=vconst["AXIS"],
         D=D, DV=Dv, PAD_ROWS=PAD, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -628,7 +667,7 @@ def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
     if out.numel() == 0:
         return out
     rows = gq * L
-    block_m, block_n, block_d, _ = _blocks(D, 16, rows, block_n)
+    block_m, block_n, block_d, _, num_warps = _blocks(D, 16, rows, q.dtype, block_n, None)
     n_tiles = triton.cdiv(T, block_n)
     (kc, ks, km, kr), kstr = K.args()
     kconst = K.consts()
@@ -636,7 +675,7 @@ def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
         q, kc, ks, km, kr, out, *q.stride(), *kstr, out.stride(0), out.stride(1), out.stride(2),
         Hkv, gq, L, T, K.nq, n_tiles,
         K_BITS=kconst["BITS"], K_GROUP=kconst["GROUP"], K_AXIS=kconst["AXIS"], D=D, PAD_ROWS=PAD,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_dtype_flags(q.dtype), num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_dtype_flags(q.dtype), num_warps=num_warps,
     )
     return out
 
@@ -661,12 +700,12 @@ def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
     if T == 0:
         return out.zero_()
     rows = gq * L
-    block_m, block_n, _, block_dv = _blocks(16, Dv, rows, block_n)
+    block_m, block_n, _, block_dv, num_warps = _blocks(16, Dv, rows, p.dtype, block_n, None)
     n_mblk = triton.cdiv(rows, block_m)
     n_tiles = triton.cdiv(T, block_n)
     if num_splits is None:
         num_splits = _num_splits(p.device, B * Hkv * n_mblk, n_tiles)
-    num_splits = max(1, min(int(num_splits), n_tiles))
+    num_splits = max(1, min(int(num_splits), n_tiles, 65535))
     tiles_per_split = triton.cdiv(n_tiles, num_splits)
     num_splits = triton.cdiv(n_tiles, tiles_per_split)
     partial = num_splits > 1
@@ -678,7 +717,7 @@ def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
         Hkv, gq, L, T, V.nq, tiles_per_split, num_splits,
         V_BITS=vconst["BITS"], V_GROUP=vconst["GROUP"], V_AXIS=vconst["AXIS"], DV=Dv, PAD_ROWS=PAD,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, WRITE_PARTIAL=partial, **_dtype_flags(p.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )
     if partial:
         # (B*Hkv, splits, GQ*L, Dv) -> (B, Hkv, GQ, L, Dv) -> (B, Hq, L, Dv)

@@ -51,6 +51,14 @@ class Layout:
 
         return kivi.n_quantize(self, n_res)
 
+    def capacity(self, need: SymInt) -> SymInt:
+        """Tokens of packed storage to allocate when `need` do not fit: need plus 1/32 (so the bytes
+        held stay within a few percent of the packed size), rounded up to whole flushes (R tokens for
+        keys) or to 32 tokens (values). Growing copies the storage once per ~need/32 tokens."""
+        quantum = self.residual if self.axis == TOKEN_AXIS else 32
+        want = need + need // 32
+        return ((want + quantum - 1) // quantum) * quantum
+
     def widths(self, head_dim: int) -> Tuple[int, int]:
         """Last-dim sizes of (codes, scale/mn) rows: codes rows are tokens; scale rows are groups of
         tokens (token axis) or tokens (channel axis)."""
