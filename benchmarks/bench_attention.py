@@ -163,29 +163,33 @@ def run_config(B: int, T: int, device, dtype, copy_bw: float, rows: list):
     # -- KIVI 2 / 4 bit, Triton fused dequantization (and the torch reference on the CPU) --
     for bits in (2, 4):
         try:
-            k, v, km, vm = kivi_cache(B, T, bits, device, dtype)
-            q = torch.randn(B, HQ, 1, D, dtype=dtype, device=device)
-            nb = nbytes(k) + nbytes(v) + 2 * nbytes((q,))
-            t = bench(lambda: ta.attention(q, *k, *v, km, vm))
-            record(f"kivi{bits} triton", t, nb, speedup=(base / t) if base else None)
-            if ARGS.sweep and CUDA:
-                best = None
-                for bn in (16, 32, 64):
-                    for nw in (4, 8):
-                        ts = bench(lambda: ta.attention_with_config(q, *k, *v, km, vm, block_n=bn, num_warps=nw))
-                        if best is None or ts < best[0]:
-                            best = (ts, bn, nw)
-                record(f"kivi{bits} triton best", best[0], nb, block_n=best[1], num_warps=best[2],
-                       speedup=(base / best[0]) if base else None)
-            if not CUDA:
-                t = bench(lambda: ref.attention(q, k, v, km, vm))
-                record(f"kivi{bits} reference", t, nb)
-            del k, v, q
+            run_kivi(B, T, bits, device, dtype, base, record)
         except torch.cuda.OutOfMemoryError:
             rows.append(dict(B=B, T=T, method=f"kivi{bits} triton", skipped="out of memory"))
         finally:
             if CUDA:
                 torch.cuda.empty_cache()
+
+
+def run_kivi(B: int, T: int, bits: int, device, dtype, base, record):
+    """Time one KIVI configuration; its cache is freed on return."""
+    k, v, km, vm = kivi_cache(B, T, bits, device, dtype)
+    q = torch.randn(B, HQ, 1, D, dtype=dtype, device=device)
+    nb = nbytes(k) + nbytes(v) + 2 * nbytes((q,))
+    t = bench(lambda: ta.attention(q, *k, *v, km, vm))
+    record(f"kivi{bits} triton", t, nb, speedup=(base / t) if base else None)
+    if ARGS.sweep and CUDA:
+        best = None
+        for bn in (16, 32, 64):
+            for nw in (4, 8):
+                ts = bench(lambda: ta.attention_with_config(q, *k, *v, km, vm, block_n=bn, num_warps=nw))
+                if best is None or ts < best[0]:
+                    best = (ts, bn, nw)
+        record(f"kivi{bits} triton best", best[0], nb, block_n=best[1], num_warps=best[2],
+               speedup=(base / best[0]) if base else None)
+    if not CUDA:
+        t = bench(lambda: ref.attention(q, k, v, km, vm))
+        record(f"kivi{bits} reference", t, nb)
 
 
 def main():
@@ -198,7 +202,7 @@ def main():
         if not ARGS.smoke:
             print("no CUDA device: running the --smoke shapes on the CPU (Triton interpreter)")
         HQ, HKV, D = 8, 2, 64  # keep the interpreter to seconds
-        Ts, Bs = [200, 1000], [1, 2]
+        Ts, Bs = [100, 500], [1, 2]
     Ts, Bs = ARGS.T or Ts, ARGS.B or Bs
 
     copy_bw = copy_bandwidth(device)

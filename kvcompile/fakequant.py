@@ -17,7 +17,7 @@ returns the cache for attention to read, then quantizes what the method says lea
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -61,7 +61,18 @@ class FakeQuantLayer(DynamicLayer):
 
 
 class FakeQuantCache(DynamicCache):
-    """A DynamicCache whose layers apply `config`'s quantization in fake-quant form (see module doc)."""
+    """A DynamicCache whose layers apply `config`'s quantization in fake-quant form (see module doc).
 
-    def __init__(self, config: Config) -> None:
-        Cache.__init__(self, layer_class_to_replicate=lambda: FakeQuantLayer(config))
+    With `model_config`, the layers follow the model's layer types as DynamicCache(config=...) does;
+    sliding-window layers then stay in full precision, as the backend leaves them (README)."""
+
+    def __init__(self, config: Config, model_config: Optional[Any] = None) -> None:
+        if model_config is None:
+            Cache.__init__(self, layer_class_to_replicate=lambda: FakeQuantLayer(config))
+            return
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
+        layers = [FakeQuantLayer(config) if DYNAMIC_LAYER_TYPE_MAPPING[t] is DynamicLayer
+                  else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw) for t, kw in zip(types, kwargs)]
+        Cache.__init__(self, layers=layers)

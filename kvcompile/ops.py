@@ -8,12 +8,29 @@ Outputs are contiguous and the fakes give exactly those shapes and strides.
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._dynamo.utils import counters
 
 from .kernels import reference as ref
+
+KERNELS = ("auto", "triton", "torch")
+
+
+def use_triton(t: Tensor) -> bool:
+    """Triton kernels on CUDA, the torch reference elsewhere. KVCOMPILE_KERNELS=triton forces the
+    kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference."""
+    mode = os.environ.get("KVCOMPILE_KERNELS", "auto")
+    if mode not in KERNELS:
+        raise ValueError(f"KVCOMPILE_KERNELS must be one of {', '.join(KERNELS)}; got {mode!r}")
+    return mode == "triton" or (mode == "auto" and t.is_cuda)
+
+
+def _count(name: str) -> None:
+    counters["kvquant"][name] += 1
 
 # `meta` below: (bits, group, axis, nq) of a cache tensor, nq = tokens held by the packed storage.
 
@@ -50,9 +67,14 @@ def compact_(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, nq: int, met
     Takes padded tensors; returns the new padded residual."""
     n = _n_quantize(method, bits, group, axis, residual, res.shape[2] - ref.PAD)
     r = ref.unpad(res)
-    if n > 0:
+    o, os_ = ref.PAD + nq, ref.PAD + _scale_rows(nq, group, axis)
+    if n > 0 and use_triton(res):
+        from .kernels import triton_quantize
+
+        _count("triton_quantize_calls")
+        triton_quantize.quantize(r[:, :, :n], bits, group, axis, out=(codes, scale, mn), row=o, scale_row=os_)
+    elif n > 0:
         c, s, m = ref.quantize(r[:, :, :n], bits, group, axis)
-        o, os_ = ref.PAD + nq, ref.PAD + _scale_rows(nq, group, axis)
         codes[:, :, o:o + n] = c
         scale[:, :, os_:os_ + s.shape[2]] = s
         mn[:, :, os_:os_ + m.shape[2]] = m
@@ -123,18 +145,25 @@ def attention(
     k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
     v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
     k_meta: List[int], v_meta: List[int],
-    attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: Optional[float],
+    attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
 ) -> Tensor:
-    """SDPA of q [B, Hq, L, D] over packed K/V with Hkv heads -> [B, Hq, L, Dv]."""
+    """SDPA of q [B, Hq, L, D] over packed K/V with Hkv heads -> [B, Hq, L, Dv]. `enable_gqa` says how
+    the replaced SDPA call saw the heads; the reference follows it so that method "none" is exact."""
+    if use_triton(q) and dropout_p == 0.0:
+        from .kernels import triton_attention
+
+        _count("triton_attention_calls")
+        return triton_attention.attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, k_meta,
+                                          v_meta, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     return ref.attention(
         q, (k_codes, k_scale, k_mn, k_res), (v_codes, v_scale, v_mn, v_res), tuple(k_meta), tuple(v_meta),
-        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
     )
 
 
 @attention.register_fake
 def _attention_fake(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, k_meta, v_meta,
-                    attn_mask, dropout_p, is_causal, scale) -> Tensor:
+                    attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Tensor:
     B, Hq, L, _ = q.shape
     return q.new_empty((B, Hq, L, v_res.shape[-1]))
 
@@ -142,6 +171,11 @@ def _attention_fake(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_
 @torch.library.custom_op("kvquant::qk", mutates_args=())
 def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor, k_meta: List[int]) -> Tensor:
     """q [B, Hq, L, D] @ K^T -> [B, Hq, L, T] over packed keys with Hkv heads."""
+    if use_triton(q):
+        from .kernels import triton_attention
+
+        _count("triton_qk_calls")
+        return triton_attention.qk(q, k_codes, k_scale, k_mn, k_res, k_meta)
     return ref.qk(q, (k_codes, k_scale, k_mn, k_res), tuple(k_meta))
 
 
@@ -154,6 +188,11 @@ def _qk_fake(q, k_codes, k_scale, k_mn, k_res, k_meta) -> Tensor:
 @torch.library.custom_op("kvquant::pv", mutates_args=())
 def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor, v_meta: List[int]) -> Tensor:
     """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] over packed values with Hkv heads."""
+    if use_triton(p):
+        from .kernels import triton_attention
+
+        _count("triton_pv_calls")
+        return triton_attention.pv(p, v_codes, v_scale, v_mn, v_res, v_meta)
     return ref.pv(p, (v_codes, v_scale, v_mn, v_res), tuple(v_meta))
 
 

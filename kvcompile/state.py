@@ -214,10 +214,10 @@ def _meta(s: KVState) -> list:
 def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Tensor] = None,
             dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
             enable_gqa: bool = False) -> Tensor:
-    """Drop-in for F.scaled_dot_product_attention over states (GQA handled whatever enable_gqa says)."""
+    """Drop-in for F.scaled_dot_product_attention over states (GQA whatever enable_gqa says)."""
     return ops.attention(
         query, key.codes, key.scale, key.mn, key.res, value.codes, value.scale, value.mn, value.res,
-        _meta(key), _meta(value), attn_mask, dropout_p, is_causal, scale,
+        _meta(key), _meta(value), attn_mask, dropout_p, is_causal, scale, enable_gqa,
     )
 
 

@@ -1,10 +1,15 @@
 import os
 import sys
 import tempfile
-import warnings
 
-import pytest
-import torch
+import torch  # does not import triton
+
+# Without a GPU, Triton kernels run under the interpreter. Triton reads TRITON_INTERPRET when it is
+# imported (torch._dynamo imports it), so this must come before anything imports torch._dynamo.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -37,7 +37,7 @@ def test_attention_ops(B, Hq, Hkv, Nq, Nr, D, L):
     km, vm = [2, 4, TOKEN_AXIS, Nq], [4, 4, CHANNEL_AXIS, Nq]
     T = Nq + Nr
     mask = torch.randn(B, 1, L, T)
-    args = (q, *k, *v, km, vm, mask, 0.0, False, 0.3)
+    args = (q, *k, *v, km, vm, mask, 0.0, False, 0.3, False)
     torch.library.opcheck(ops.attention, args)
     rep = Hq // Hkv
     Kr, Vr = K.repeat_interleave(rep, dim=1), V.repeat_interleave(rep, dim=1)

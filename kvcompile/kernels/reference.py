@@ -139,6 +139,7 @@ def attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    enable_gqa: bool = False,
 ) -> Tensor:
     """scaled_dot_product_attention of q [B, Hq, L, D] over the (packed) keys and values.
 
@@ -149,10 +150,14 @@ def attention(
     K = full_padded(*k, *k_meta)
     V = full_padded(*v, *v_meta)
     hq = q.shape[1]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, _repeat_heads(K, hq), _repeat_heads(V, hq), attn_mask=attn_mask, dropout_p=dropout_p,
-        is_causal=is_causal, scale=scale,
-    )
+    if enable_gqa and hq != K.shape[1]:  # as the replaced call did (SDPA's GQA path rounds differently)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, K, V, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=True)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, _repeat_heads(K, hq), _repeat_heads(V, hq), attn_mask=attn_mask, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale,
+        )
     return out.contiguous()
 
 

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference as ref
-from .triton_quantize import round_to_storage
+from .triton_quantize import reduce_max, reduce_sum, round_to_storage
 
 PAD = ref.PAD
 TOKEN_AXIS = ref.TOKEN_AXIS
@@ -60,6 +60,13 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _interleave(a, b, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] a, b -> [ROWS, 2 * COLS] with columns a0 b0 a1 b1 ... (tl.interleave from
+    builtins only; see triton_quantize.reduce_sum for why)."""
+    return tl.reshape(tl.join(a, b), (ROWS, 2 * COLS))
+
+
+@triton.jit
 def _kv_tile(
     C, S, MN, R, stride_cn, stride_sn, stride_rn, start_n, nq, t_len,
     BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr, DIM: tl.constexpr,
@@ -71,7 +78,7 @@ def _kv_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < DIM
-    x = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    x = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
     if BITS < 16:
         if start_n < nq:
             # -- unpack codes: channel d is in byte d // PER at bit (d % PER) * BITS --
@@ -82,10 +89,11 @@ def _kv_tile(
             b_ok = (offs_n < nq)[:, None] & (offs_b < DIM // (8 // BITS))[None, :]
             byte = tl.load(C + offs_n[:, None] * stride_cn + offs_b[None, :], mask=b_ok, other=0).to(tl.int32)
             if BITS == 4:  # 2 codes a byte
-                code = tl.interleave(byte & 15, (byte >> 4) & 15)
+                code = _interleave(byte & 15, (byte >> 4) & 15, BLOCK_N, BLOCK_D // 2)
             else:  # BITS == 2: 4 codes a byte
-                code = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3),
-                                     tl.interleave((byte >> 2) & 3, (byte >> 6) & 3))
+                code = _interleave(_interleave(byte & 3, (byte >> 4) & 3, BLOCK_N, BLOCK_D // 4),
+                                   _interleave((byte >> 2) & 3, (byte >> 6) & 3, BLOCK_N, BLOCK_D // 4),
+                                   BLOCK_N, BLOCK_D // 2)
             # -- scale / mn of each element's group --
             if AXIS == 2 and GROUP % BLOCK_N == 0:
                 # the tile lies inside one token group (start_n and Nq are multiples of BLOCK_N
@@ -198,8 +206,8 @@ def _attn_fwd_kernel(
     hi = tl.minimum(lo + TILES_PER_SPLIT * BLOCK_N, T)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_DV), 0.0, tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         # -- dequantize a K tile, compute qk --
         k = _kv_tile(kc, ks, km, kr, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, T,
@@ -221,11 +229,11 @@ def _attn_fwd_kernel(
         qk = tl.where(valid, qk, float("-inf"))
 
         # -- online softmax (rows with every key masked so far keep m = -inf, p = 0) --
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, reduce_max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(qk - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + reduce_sum(p, 1)
 
         # -- dequantize a V tile, acc += p V --
         v = _kv_tile(vc, vs, vm, vr, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, T,
@@ -272,8 +280,8 @@ def _attn_reduce_kernel(
     dv_ok = (offs_dv < DV)[None, :]
 
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    l = tl.full((BLOCK_M,), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_DV), 0.0, tl.float32)
     for s in range(0, N_SPLITS):
         # -- rescale the running sums and add this split's --
         part = (pid_bh * N_SPLITS + s) * rows + offs_m
@@ -385,11 +393,12 @@ def _pv_kernel(
 
     lo = split * TILES_PER_SPLIT * BLOCK_N
     hi = tl.minimum(lo + TILES_PER_SPLIT * BLOCK_N, T)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_DV), 0.0, tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         # -- a tile of probabilities, a dequantized V tile --
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        p = tl.load(p_row[:, None] + offs_n[None, :] * stride_pn, mask=m_ok[:, None] & (offs_n < hi)[None, :], other=0.0)
+        p_ok = m_ok[:, None] & (offs_n < hi)[None, :]
+        p = tl.load(p_row[:, None] + offs_n[None, :] * stride_pn, mask=p_ok, other=0.0)
         if UPCAST:
             p = p.to(tl.float32)
         v = _kv_tile(vc, vs, vm, vr, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, T,

@@ -18,6 +18,7 @@ byte, low bits first), scale and mn [B, H, N/G, D] (axis 2, TOKEN_AXIS) or [B, H
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -37,6 +38,55 @@ _TILE_ELEMS = 4096
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+
+
+# Reductions. tl.sum / tl.max / tl.min are @triton.jit functions of Triton's standard library,
+# decorated when triton is imported: they run under the interpreter only if TRITON_INTERPRET=1 was set
+# before *triton* was imported (torch._dynamo imports it early). When this module is interpreted but
+# triton was not imported for interpretation, reduce with our own combine functions instead (builtins
+# only; slower in the interpreter). On a GPU both compile to the same code.
+_STD_REDUCTIONS = tl.constexpr(
+    os.environ.get("TRITON_INTERPRET", "0") != "1" or type(tl.sum).__name__ == "InterpretedFunction"
+)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def reduce_sum(x, axis: tl.constexpr):
+    if _STD_REDUCTIONS:
+        return tl.sum(x, axis)
+    else:
+        return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def reduce_max(x, axis: tl.constexpr):
+    if _STD_REDUCTIONS:
+        return tl.max(x, axis)
+    else:
+        return tl.reduce(x, axis, _maximum)
+
+
+@triton.jit
+def reduce_min(x, axis: tl.constexpr):
+    if _STD_REDUCTIONS:
+        return tl.min(x, axis)
+    else:
+        return tl.reduce(x, axis, _minimum)
 
 
 @triton.jit
@@ -110,8 +160,8 @@ def _quantize_tokens_kernel(
         ok = (offs_t < GROUP)[:, None, None] & chan_ok[None, :, :]
         ptrs = xp + (t0 + offs_t)[:, None, None] * stride_xn + chan[None, :, :] * stride_xd
         x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        mn = tl.minimum(mn, tl.min(tl.where(ok, x, float("inf")), axis=0))
-        mx = tl.maximum(mx, tl.max(tl.where(ok, x, float("-inf")), axis=0))
+        mn = tl.minimum(mn, reduce_min(tl.where(ok, x, float("inf")), axis=0))
+        mx = tl.maximum(mx, reduce_max(tl.where(ok, x, float("-inf")), axis=0))
 
     # -- scale in the storage dtype, then read back: codes use what dequantization will see --
     scale = tl.math.div_rn(mx - mn, tl.full(mx.shape, (1 << BITS) - 1, tl.float32))
@@ -131,7 +181,7 @@ def _quantize_tokens_kernel(
         ptrs = xp + (t0 + offs_t)[:, None, None] * stride_xn + chan[None, :, :] * stride_xd
         x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         q = _codes(x, mn[None, :, :], s[None, :, :], (1 << BITS) - 1).to(tl.int32)
-        packed = tl.sum(q << shift[None, None, :], axis=2)  # [BLOCK_T, BLOCK_BY], bits disjoint
+        packed = reduce_sum(q << shift[None, None, :], axis=2)  # [BLOCK_T, BLOCK_BY], bits disjoint
         cptrs = cp + (row + t0 + offs_t)[:, None] * stride_cn + offs_by[None, :]
         tl.store(cptrs, packed.to(tl.uint8), mask=t_ok[:, None] & by_ok[None, :])
 
@@ -196,20 +246,20 @@ def _quantize_channels_kernel(
     x = x.to(tl.float32)
 
     # -- min / max over each group: the last axis, and also B when a group spans whole bytes --
-    mn = tl.min(tl.where(ok, x, float("inf")), axis=3)[:, :, :, None]
-    mx = tl.max(tl.where(ok, x, float("-inf")), axis=3)[:, :, :, None]
+    mn = reduce_min(tl.where(ok, x, float("inf")), axis=3)[:, :, :, None]
+    mx = reduce_max(tl.where(ok, x, float("-inf")), axis=3)[:, :, :, None]
     if WIDE:
-        mn = tl.min(mn, axis=2)[:, :, None, :]
-        mx = tl.max(mx, axis=2)[:, :, None, :]
+        mn = reduce_min(mn, axis=2)[:, :, None, :]
+        mx = reduce_max(mx, axis=2)[:, :, None, :]
     scale = tl.math.div_rn(mx - mn, tl.full(mx.shape, (1 << BITS) - 1, tl.float32))
     scale = round_to_storage(scale, IS_BF16, S.dtype.element_ty)
     s = scale.to(tl.float32)
 
     # -- codes, packed PER to a byte --
     q = _codes(x, mn, s, (1 << BITS) - 1).to(tl.int32)
-    packed = tl.sum(q << shift, axis=3)[:, :, :, None]
+    packed = reduce_sum(q << shift, axis=3)[:, :, :, None]
     if not WIDE:
-        packed = tl.sum(packed, axis=2)[:, :, None, :]
+        packed = reduce_sum(packed, axis=2)[:, :, None, :]
 
     # -- store: the reductions above leave each of scale/mn/packed broadcast-shaped with group/byte --
     if WIDE:

@@ -92,6 +92,17 @@ def _is_last_two_transpose(node: fx.Node) -> bool:
     return sorted(d % r for d in dims) == [r - 2, r - 1]
 
 
+_NOOP_METHODS = {"to", "float", "type", "contiguous"}
+
+
+def _is_noop_cast(node: fx.Node, src: fx.Node) -> bool:
+    """A dtype cast or contiguous() of `src` that changes nothing (same dtype and shape)."""
+    if not (node.op == "call_method" and node.target in _NOOP_METHODS and node.args and node.args[0] is src):
+        return False
+    a, b = val(src), val(node)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+
+
 def _repeat_kv_end(node: fx.Node) -> Optional[fx.Node]:
     """If `node` is `x[:, :, None]` starting repeat_kv (-> expand -> reshape), the reshape node."""
     if not (node.op == "call_function" and node.target is operator.getitem):
@@ -121,6 +132,11 @@ def _classify_users(src: fx.Node, upd: CacheUpdate, top: bool) -> Optional[str]:
         if top and (_is_call(user, fns={getattr}) and user.args[1] in _SIZE_ATTRS or
                     user.op == "call_method" and user.target in _SIZE_METHODS):
             upd.size_uses.append(user)
+            continue
+        if _is_noop_cast(user, src):  # e.g. GPT-J's key.to(torch.float32) on a float32 cache
+            reason = _classify_users(user, upd, top=False)
+            if reason:
+                return reason
             continue
         if top:
             end = _repeat_kv_end(user)
@@ -230,13 +246,20 @@ def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
 
 
 def _strip_repeat(node) -> object:
-    """The tensor repeat_kv started from, if `node` is the end of a repeat_kv chain."""
-    if isinstance(node, fx.Node) and (_is_call(node, "reshape") or _is_call(node, "view")):
-        expand = node.args[0]
-        if isinstance(expand, fx.Node) and _is_call(expand, "expand"):
-            getitem = expand.args[0]
-            if isinstance(getitem, fx.Node) and _repeat_kv_end(getitem) is node:
-                return getitem.args[0]
+    """The tensor a chain of repeat_kv and no-op casts started from (`node` itself if none)."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_method" and node.target in _NOOP_METHODS and node.args \
+                and isinstance(node.args[0], fx.Node) and _is_noop_cast(node, node.args[0]):
+            node = node.args[0]
+            continue
+        if _is_call(node, "reshape") or _is_call(node, "view"):
+            expand = node.args[0]
+            if isinstance(expand, fx.Node) and _is_call(expand, "expand"):
+                getitem = expand.args[0]
+                if isinstance(getitem, fx.Node) and _repeat_kv_end(getitem) is node:
+                    node = getitem.args[0]
+                    continue
+        break
     return node
 
 

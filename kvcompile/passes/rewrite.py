@@ -93,7 +93,7 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
             with graph.inserting_before(node):
                 if use.kind == "sdpa":
                     a = sdpa_args(node)
-                    kw = {k: a[k] for k in ("attn_mask", "dropout_p", "is_causal", "scale") if k in a}
+                    kw = {k: a[k] for k in ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa") if k in a}
                     k_s = states[_strip_repeat(a["key"])]
                     v_s = states[_strip_repeat(a["value"])]
                     new = graph.call_function(kv_sdpa, (a["query"], k_s, v_s), kw)

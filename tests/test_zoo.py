@@ -1,0 +1,50 @@
+"""Every decoder family of the zoo (tests/zoo.py): `none` equals the uncompiled model, kivi matches
+the eager reference with all 2 x num_layers cache updates rewritten per graph, and what cannot be
+handled is left alone with the documented reason, correctly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+
+# families whose sliding-window layers are left alone (README: not quantized yet); fully left alone
+PARTLY = {"gemma2", "gemma3_text"}
+LEFT_ALONE = {"bloom": "reshape"}  # ALiBi attention through baddbmm on 3-D tensors
+
+DYNAMO_ULP = {"gemma3_text"}  # plain Dynamo (backend="eager") already differs from eager by ~1 ulp
+
+CASES = [(f, a) for f in zoo.FAMILIES for a in zoo.attentions(f)]
+
+
+@pytest.mark.parametrize("family, attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
+def test_zoo(family, attn):
+    r = zoo.run(family, attn)
+    assert r.none_exact, "method none must give the unrewritten graph's logits bit for bit"
+    tol = 1e-6 if family in DYNAMO_ULP else 0.0
+    assert r.err_none_vs_uncompiled <= tol, r.err_none_vs_uncompiled
+    if family in LEFT_ALONE:  # unquantized, and correct
+        assert r.err_kivi_vs_fp <= tol, r.err_kivi_vs_fp
+    else:
+        assert r.err_kivi_vs_reference <= tol, r.err_kivi_vs_reference
+    if family in PARTLY:
+        assert r.status == "partly quantized", r
+        assert any("sliding-window" in why for why in r.left_alone), r.left_alone
+    elif family in LEFT_ALONE:
+        assert r.status == "left alone", r
+        assert any(LEFT_ALONE[family] in why for why in r.left_alone), r.left_alone
+    else:
+        assert r.status == "quantized", r
+        assert r.per_graph_quantized == [2 * r.layers] * 2  # prefill and decode, every K and V
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode", "gemma3_text"])
+def test_zoo_generate(family):
+    model, cfg = zoo.make(family, zoo.attentions(family)[0])
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        model.compile(backend="kvquant", options=dict(zoo.OPTIONS, method="none"))
+        got = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
