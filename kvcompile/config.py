@@ -10,33 +10,40 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 METHODS = ("kivi", "none", "nqkv", "int8", "fp8")
-IMPLEMENTED_METHODS = ("kivi", "none")
 COMPILERS = ("inductor", "aot_eager", "eager")
 BITS = {"kivi": (2, 4), "none": (16,), "nqkv": (2, 3, 4), "int8": (8,), "fp8": (8,)}
+DEFAULT_BITS = {"kivi": 2, "none": 16, "nqkv": 4, "int8": 8, "fp8": 8}
+DEFAULT_RESIDUAL = {"kivi": 128}  # other methods: 0 (every token is quantized when appended)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class Config:
-    """What the user asked for. `k_bits`/`v_bits` default to `bits`."""
+    """What the user asked for. `bits` and `residual_length` default per method (None): bits 2 for
+    kivi, 4 for nqkv, 8 for int8 and fp8; residual_length 128 for kivi, 0 for the others.
+    `k_bits`/`v_bits` default to `bits`. `group_size` is kivi's, `block_size` nqkv's."""
 
     method: str = "kivi"
-    bits: int = 2
+    bits: Optional[int] = None
     k_bits: Optional[int] = None
     v_bits: Optional[int] = None
     group_size: int = 32
-    residual_length: int = 128
+    residual_length: Optional[int] = None
+    block_size: int = 64
     compiler: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {self.method!r}")
-        if self.method not in IMPLEMENTED_METHODS:
-            raise ValueError(
-                f"method {self.method!r} is reserved but not implemented yet; "
-                f"implemented methods: {', '.join(map(repr, IMPLEMENTED_METHODS))}"
-            )
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {', '.join(map(repr, COMPILERS))}; got {self.compiler!r}")
+        if self.bits is None:
+            object.__setattr__(self, "bits", DEFAULT_BITS[self.method])
+        if self.residual_length is None:
+            object.__setattr__(self, "residual_length", DEFAULT_RESIDUAL.get(self.method, 0))
         if self.method == "none":
             return  # bits, group and residual are not used
         valid = BITS[self.method]
@@ -44,18 +51,24 @@ class Config:
             value = getattr(self, name)
             if value is None and name != "bits":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value not in valid:
+            if not _is_int(value) or value not in valid:
                 raise ValueError(
                     f"{name} must be one of {', '.join(map(str, valid))} for method {self.method!r}; got {value!r}"
                 )
-        for name in ("group_size", "residual_length"):
+        for name in ("group_size", "block_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if self.residual_length % self.group_size:
+        r = self.residual_length
+        if self.method != "kivi":
+            if not _is_int(r) or r < 0:
+                raise ValueError(f"residual_length must be an int >= 0 for method {self.method!r}; got {r!r}")
+            return
+        if not _is_int(r) or r < 1:
+            raise ValueError(f"residual_length must be a positive int; got {r!r}")
+        if r % self.group_size:
             raise ValueError(
-                f"residual_length must be a multiple of group_size ({self.group_size}); "
-                f"got {self.residual_length}"
+                f"residual_length must be a multiple of group_size ({self.group_size}); got {r}"
             )
 
     @property

@@ -2,9 +2,11 @@
 
 Shapes (B batch, H heads, N tokens, D head_dim, Hq query heads, L query length, T = Nq + Nr):
   x            [B, H, N, D]                cache dtype
-  codes        [B, H, N, D * bits / 8]     uint8, 8/bits codes per byte, low bits first
+  codes        [B, H, N, D * sb / 8]       uint8, 8/sb codes per byte, low bits first
+                                           (sb = storage_bits(bits): bits, or 4 for 3-bit codes)
   scale, mn    [B, H, N / G, D]            (axis 2: groups of G tokens, one channel)
                [B, H, N, D / G]            (axis 3: groups of G channels, one token)
+                                           (mn: last dim 0 for the symmetric formats)
   res          [B, H, Nr, D]               full-precision residual (newest tokens)
 
 The state stores each of codes, scale, mn and res with PAD unused leading rows along dim 2 (see
@@ -13,11 +15,18 @@ generation compiles a bounded, small number of graphs). Functions named `*_padde
 tensors; the others take plain ones. The packed storage (codes, scale, mn) may have spare rows
 after its Nq tokens, so that appending writes in place; ops are told Nq (`meta[3]`).
 
-Asymmetric b-bit quantization of a group x: mn = min(x), scale = (max(x) - mn) / (2^b - 1),
+Storage formats (`fmt`, methods/__init__.py; an op's meta is (bits, group, axis, nq[, fmt]) and a
+4-element meta means KIVI):
+
+KIVI, asymmetric b-bit quantization of a group x: mn = min(x), scale = (max(x) - mn) / (2^b - 1),
 code = clamp(floor((x - mn) / scale + 0.5), 0, 2^b - 1), dequantized code * scale + mn.
 Arithmetic is float32; scale and mn are stored in the cache dtype, and codes are computed with the
 stored scale, so that dequantization inverts exactly what was stored. A constant group has
-scale 0 and dequantizes to mn exactly.
+scale 0 and dequantizes to mn exactly. The Triton kernels implement this format only.
+
+NF, INT8, FP8 (methods nqkv, int8, fp8): symmetric, one scale per group and no minimum (mn has
+width 0); the per-group arithmetic is in methods/nqkv.py, int8.py and fp8.py. 3-bit codes are
+stored in 4 bits (2 a byte, `storage_bits`), 8-bit codes one a byte.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..methods import FP8, INT8, KIVI, NF, fp8, int8, nqkv, storage_bits
 
 TOKEN_AXIS = 2
 CHANNEL_AXIS = 3
@@ -44,6 +55,8 @@ def pad(t: Tensor) -> Tensor:
 
 def pack(codes: Tensor, bits: int) -> Tensor:
     """[..., D] integer codes in [0, 2^bits) -> [..., D * bits / 8] uint8, low bits first."""
+    if bits == 8:
+        return codes.to(torch.uint8)
     per = 8 // bits
     c = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
     out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
@@ -54,6 +67,8 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
     """Inverse of `pack`: [..., D * bits / 8] uint8 -> [..., D] uint8 codes."""
+    if bits == 8:
+        return packed
     per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     c = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
@@ -71,12 +86,27 @@ def _reduce_dim(axis: int) -> int:
     return 3 if axis == TOKEN_AXIS else 4
 
 
-def quantize(x: Tensor, bits: int, group: int, axis: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """x [B, H, N, D] -> (codes, scale, mn), see the module docstring for the layouts."""
+_SYMMETRIC = {NF: nqkv, INT8: int8, FP8: fp8}
+
+
+def _symmetric(fmt: int):
+    """The method module holding the per-group arithmetic of a symmetric format."""
+    if fmt not in _SYMMETRIC:
+        raise ValueError(f"unknown storage format {fmt}; valid: {KIVI} (kivi), {NF} (nf), {INT8} (int8), {FP8} (fp8)")
+    return _SYMMETRIC[fmt]
+
+
+def quantize(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tuple[Tensor, Tensor, Tensor]:
+    """x [B, H, N, D] -> (codes, scale, mn), see the module docstring for the layouts and formats."""
     B, H, N, D = x.shape
-    qmax = (1 << bits) - 1
     xg = _grouped(x.float(), group, axis)
     rd = _reduce_dim(axis)
+    if fmt != KIVI:
+        q, scale = _symmetric(fmt).quantize(xg, bits, x.dtype, rd)
+        scale = scale.squeeze(rd)
+        codes = pack(q.reshape(B, H, N, D), storage_bits(bits))
+        return codes.contiguous(), scale.contiguous(), scale.new_zeros((*scale.shape[:3], 0))
+    qmax = (1 << bits) - 1
     mn = xg.amin(dim=rd, keepdim=True)
     mx = xg.amax(dim=rd, keepdim=True)
     scale = ((mx - mn) / qmax).to(x.dtype)
@@ -87,11 +117,16 @@ def quantize(x: Tensor, bits: int, group: int, axis: int) -> Tuple[Tensor, Tenso
     return codes.contiguous(), scale.squeeze(rd).contiguous(), mn.squeeze(rd).to(x.dtype).contiguous()
 
 
-def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group: int, axis: int, head_dim: int) -> Tensor:
+def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group: int, axis: int, head_dim: int,
+               fmt: int = KIVI) -> Tensor:
     """(codes, scale, mn) -> [B, H, N, D] in the dtype of `scale`."""
     B, H, N, _ = codes.shape
-    q = unpack(codes, bits).float().reshape(B, H, N, head_dim)
     rd = _reduce_dim(axis)
+    if fmt != KIVI:
+        q = _grouped(unpack(codes, storage_bits(bits)).reshape(B, H, N, head_dim), group, axis)
+        x = _symmetric(fmt).dequantize(q, scale.unsqueeze(rd), bits)
+        return x.reshape(B, H, N, head_dim).to(scale.dtype)
+    q = unpack(codes, bits).float().reshape(B, H, N, head_dim)
     qg = _grouped(q, group, axis)
     x = qg * scale.float().unsqueeze(rd) + mn.float().unsqueeze(rd)
     return x.reshape(B, H, N, head_dim).to(scale.dtype)
@@ -104,21 +139,23 @@ def used_rows(codes: Tensor, scale: Tensor, mn: Tensor, group: int, axis: int, n
 
 
 def full_padded(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int,
-                nq=None) -> Tensor:
+                nq=None, fmt: int = KIVI) -> Tensor:
     """The whole cache [B, H, Nq + Nr, D] from padded inner tensors: dequantized tokens, then the residual.
-    `nq`: how many tokens the packed storage holds (None: all its rows, no spare capacity)."""
+    `nq`: how many tokens the packed storage holds (None: all its rows, no spare capacity); `fmt`: the
+    storage format. Takes `*meta` after the tensors."""
     if nq is not None:
         codes, scale, mn = used_rows(codes, scale, mn, group, axis, nq)
-    return full(unpad(codes), unpad(scale), unpad(mn), unpad(res), bits, group, axis)
+    return full(unpad(codes), unpad(scale), unpad(mn), unpad(res), bits, group, axis, fmt)
 
 
-def full(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int) -> Tensor:
+def full(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int,
+         fmt: int = KIVI) -> Tensor:
     """The whole cache [B, H, Nq + Nr, D]: dequantized tokens, then the residual.
     bits >= 16 means nothing is quantized (method "none"). There is no branch on Nq == 0: under
     Dynamo it would become a guard and specialize the size."""
     if bits >= 16:
         return res
-    return torch.cat([dequantize(codes, scale, mn, bits, group, axis, res.shape[-1]), res], dim=2)
+    return torch.cat([dequantize(codes, scale, mn, bits, group, axis, res.shape[-1], fmt), res], dim=2)
 
 
 def _repeat_heads(x: Tensor, hq: int) -> Tensor:
@@ -133,8 +170,8 @@ def attention(
     q: Tensor,
     k: Tuple[Tensor, Tensor, Tensor, Tensor],
     v: Tuple[Tensor, Tensor, Tensor, Tensor],
-    k_meta: Tuple[int, int, int],
-    v_meta: Tuple[int, int, int],
+    k_meta: Tuple[int, ...],
+    v_meta: Tuple[int, ...],
     attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
@@ -144,8 +181,9 @@ def attention(
     """scaled_dot_product_attention of q [B, Hq, L, D] over the (packed) keys and values.
 
     k, v: padded (codes, scale, mn, res) with Hkv heads; Hkv divides Hq (GQA/MQA).
-    k_meta, v_meta: (bits, group, axis, nq), nq the number of quantized tokens (the packed storage may
-    have spare rows after them). Returns [B, Hq, L, Dv], contiguous.
+    k_meta, v_meta: (bits, group, axis, nq[, fmt]), nq the number of quantized tokens (the packed storage
+    may have spare rows after them), fmt the storage format (KIVI if absent). Returns [B, Hq, L, Dv],
+    contiguous.
     """
     K = full_padded(*k, *k_meta)
     V = full_padded(*v, *v_meta)
@@ -161,13 +199,13 @@ def attention(
     return out.contiguous()
 
 
-def qk(q: Tensor, k: Tuple[Tensor, Tensor, Tensor, Tensor], k_meta: Tuple[int, int, int]) -> Tensor:
+def qk(q: Tensor, k: Tuple[Tensor, Tensor, Tensor, Tensor], k_meta: Tuple[int, ...]) -> Tensor:
     """q [B, Hq, L, D] @ K^T -> scores [B, Hq, L, T] (eager attention's first matmul)."""
     K = _repeat_heads(full_padded(*k, *k_meta), q.shape[1])
     return torch.matmul(q, K.transpose(2, 3)).contiguous()
 
 
-def pv(p: Tensor, v: Tuple[Tensor, Tensor, Tensor, Tensor], v_meta: Tuple[int, int, int]) -> Tensor:
+def pv(p: Tensor, v: Tuple[Tensor, Tensor, Tensor, Tensor], v_meta: Tuple[int, ...]) -> Tensor:
     """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] (eager attention's second matmul)."""
     V = _repeat_heads(full_padded(*v, *v_meta), p.shape[1])
     return torch.matmul(p, V).contiguous()

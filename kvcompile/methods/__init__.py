@@ -1,7 +1,9 @@
 """Quantization methods. A method decides, for the keys and for the values of one layer, how
 tokens are quantized (`Layout`) and which tokens leave the full-precision residual (`n_quantize`).
 
-One file per method; `layouts(config, head_dim)` is the only entry point the pass uses.
+One file per method: kivi.py, nqkv.py, int8.py, fp8.py, none.py. `layouts(config, head_dim)` is the
+only entry point the pass uses. Each method stores its codes in one storage format (`FORMATS`): the
+ops are told which by the 5th element of their `meta` (a 4-element meta means KIVI).
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ SymInt = Union[int, torch.SymInt]
 TOKEN_AXIS = 2
 CHANNEL_AXIS = 3
 
+# Storage formats of the packed codes (plain ints: they travel in the ops' int-list `meta`).
+KIVI = 0  # asymmetric uniform: code * scale + mn (kernels/reference.py)
+NF = 1  # NormalFloat levels times the block's absmax, no mn (nqkv.py)
+INT8 = 2  # symmetric int8 stored as code + 128, no mn (int8.py)
+FP8 = 3  # float8 e4m3fn bytes times a per-token scale, no mn (fp8.py)
+FORMATS = {"none": KIVI, "kivi": KIVI, "nqkv": NF, "int8": INT8, "fp8": FP8}
+
+
+def storage_bits(bits: int) -> int:
+    """Bits a code takes in storage: 3-bit codes are stored 2 a byte (4 bits each), others as is."""
+    return 4 if bits == 3 else bits
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -31,7 +45,7 @@ class Layout:
     method: str
     role: str  # "k" or "v"
     bits: int
-    group: int  # group size along `axis`
+    group: int  # group size along `axis` (the block of nqkv, head_dim for int8/fp8)
     axis: int  # TOKEN_AXIS or CHANNEL_AXIS
     residual: int  # R: full-precision window length
 
@@ -40,16 +54,24 @@ class Layout:
         return self.bits < 16
 
     @property
+    def fmt(self) -> int:
+        """The storage format of the codes (KIVI, NF, INT8 or FP8)."""
+        return FORMATS[self.method]
+
+    @property
     def codes_per_byte(self) -> int:
-        return 8 // self.bits if self.quantized else 1
+        return 8 // storage_bits(self.bits) if self.quantized else 1
 
     def n_quantize(self, n_res: SymInt) -> SymInt:
         """How many of the oldest residual tokens to quantize now (after attention has read them)."""
         if not self.quantized:
             return 0
-        from . import kivi
+        if self.method == "kivi":
+            from . import kivi
 
-        return kivi.n_quantize(self, n_res)
+            return kivi.n_quantize(self, n_res)
+        # nqkv, int8, fp8 (per-token groups): everything older than the newest R tokens (all if R = 0)
+        return torch.sym_max(n_res - self.residual, 0)
 
     def capacity(self, need: SymInt) -> SymInt:
         """Tokens of packed storage to allocate when `need` do not fit: need plus 1/32 (so the bytes
@@ -59,13 +81,22 @@ class Layout:
         want = need + need // 32
         return ((want + quantum - 1) // quantum) * quantum
 
-    def widths(self, head_dim: int) -> Tuple[int, int]:
-        """Last-dim sizes of (codes, scale/mn) rows: codes rows are tokens; scale rows are groups of
-        tokens (token axis) or tokens (channel axis)."""
+    def widths(self, head_dim: int) -> Tuple[int, int, int]:
+        """Last-dim sizes of (codes, scale, mn) rows: codes rows are tokens; scale and mn rows are groups
+        of tokens (token axis) or tokens (channel axis). Symmetric formats store no mn (width 0)."""
         if not self.quantized:
-            return 0, 0
+            return 0, 0, 0
         codes = head_dim // self.codes_per_byte
-        return codes, head_dim if self.axis == TOKEN_AXIS else head_dim // self.group
+        scale = head_dim if self.axis == TOKEN_AXIS else head_dim // self.group
+        return codes, scale, scale if self.fmt == KIVI else 0
+
+
+def check_packing(head_dim: int, **bits: int) -> None:
+    """Raise ValueError unless head_dim holds whole bytes of codes for each of `bits` (name=bits)."""
+    for name, b in bits.items():
+        per = 8 // storage_bits(b)
+        if head_dim % per:
+            raise ValueError(f"{name}={b} packs {per} codes per byte, which must divide head_dim {head_dim}")
 
 
 def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
@@ -78,4 +109,16 @@ def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
         from .kivi import layouts as kivi_layouts
 
         return kivi_layouts(config, head_dim)
+    if config.method == "nqkv":
+        from .nqkv import layouts as nqkv_layouts
+
+        return nqkv_layouts(config, head_dim)
+    if config.method == "int8":
+        from .int8 import layouts as int8_layouts
+
+        return int8_layouts(config, head_dim)
+    if config.method == "fp8":
+        from .fp8 import layouts as fp8_layouts
+
+        return fp8_layouts(config, head_dim)
     raise ValueError(f"method {config.method!r} is not implemented")

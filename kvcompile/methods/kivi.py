@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 
 from ..config import Config
-from . import CHANNEL_AXIS, TOKEN_AXIS, Layout, SymInt
+from . import CHANNEL_AXIS, TOKEN_AXIS, Layout, SymInt, check_packing
 
 
 def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
@@ -28,9 +28,7 @@ def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
             f"groups of min(group_size, head_dim) channels, which must divide head_dim "
             f"(valid group sizes here: divisors of {head_dim}, or any size >= {head_dim})"
         )
-    for name, bits in (("k_bits", config.key_bits), ("v_bits", config.value_bits)):
-        if head_dim % (8 // bits):
-            raise ValueError(f"{name}={bits} packs {8 // bits} codes per byte, which must divide head_dim {head_dim}")
+    check_packing(head_dim, k_bits=config.key_bits, v_bits=config.value_bits)
     return (
         Layout("kivi", "k", config.key_bits, g, TOKEN_AXIS, r),
         Layout("kivi", "v", config.value_bits, vg, CHANNEL_AXIS, r),

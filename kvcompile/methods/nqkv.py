@@ -1,0 +1,94 @@
+"""NQKV (arXiv 2505.16210): per-block NormalFloat quantization of keys and values.
+
+KV elements within a block are close to normally distributed, so each block is scaled by its absmax
+and each value is mapped to the nearest of 2^b levels placed at quantiles of N(0, 1).
+
+Blocks: `block_size` consecutive channels of one token, for keys and values alike (min(block_size,
+head_dim) when head_dim is smaller; it must divide head_dim). Each token is quantized the moment it
+is appended, or when it leaves a full-precision window of the newest `residual_length` tokens if
+that is > 0 (as kivi's values).
+
+Levels (`levels(bits)`, QLoRA's `create_normal_map` generalised to b bits): with 2^b levels and
+offset = 1 - (1/(2·2^b) + 1/(2·(2^b - 1))) / 2 (QLoRA's 0.9677083 for b = 4),
+    positive = ndtri(linspace(offset, 0.5, 2^(b-1) + 1)[:-1])     2^(b-1) values
+    negative = -ndtri(linspace(offset, 0.5, 2^(b-1))[:-1])        2^(b-1) - 1 values
+plus an exact 0, sorted and divided by the largest: 2^b levels in [-1, 1], with -1, 0 and 1 exact
+(for b = 4 they are the NF4 table of bitsandbytes). Computed in float64 with torch.special.ndtri,
+then stored as float32.
+
+Quantization of a block x (float32 arithmetic):
+    scale = absmax(x), stored in the cache dtype (exact: it is one of the block's values)
+    u     = x / scale                        (0 for an all-zero block)
+    code  = number of midpoints m_i < u,     m_i = (level_i + level_{i+1}) / 2 in float32
+i.e. the nearest level, a tie going to the lower one (torch.bucketize over the midpoints, exact and
+deterministic). Dequantized: level[code] * scale; an all-zero block dequantizes to exactly 0.
+
+Storage: 4- and 2-bit codes are packed 2 and 4 a byte (low bits first); 3-bit codes take 4 bits
+each, 2 a byte, so nqkv-3 holds as many bytes as nqkv-4. One scale per block, no minimum:
+memory per element storage_bits + 16 / block_size with a 16-bit cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ..config import Config
+from . import CHANNEL_AXIS, Layout, check_packing
+
+
+@functools.lru_cache(maxsize=None)
+def _levels64(bits: int) -> Tensor:
+    n = 2 ** bits
+    half = 2 ** (bits - 1)
+    offset = 1.0 - 0.5 * (1.0 / (2 * n) + 1.0 / (2 * (n - 1)))
+    f64 = torch.float64
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=f64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=f64)[:-1])
+    v = torch.cat([positive, negative, torch.zeros(1, dtype=f64)]).sort().values
+    return v / v.max()
+
+
+def levels(bits: int, device: torch.device | str = "cpu") -> Tensor:
+    """The 2^bits NormalFloat levels, sorted, float32, in [-1, 1] with an exact 0 (see module doc)."""
+    return _levels64(bits).to(device=device, dtype=torch.float32)
+
+
+def midpoints(bits: int, device: torch.device | str = "cpu") -> Tensor:
+    """The 2^bits - 1 decision boundaries between consecutive levels, float32."""
+    lv = levels(bits, device)
+    return (lv[:-1] + lv[1:]) / 2
+
+
+def quantize(xg: Tensor, bits: int, dtype: torch.dtype, dim: int) -> Tuple[Tensor, Tensor]:
+    """Blocks along `dim` of xg (float32) -> (codes uint8 shaped as xg, scale keepdim in `dtype`)."""
+    scale = xg.abs().amax(dim=dim, keepdim=True).to(dtype)
+    s = scale.float()
+    u = torch.where(s > 0, xg / s, 0.0)
+    codes = torch.bucketize(u, midpoints(bits, xg.device), right=False)
+    return codes.to(torch.uint8), scale
+
+
+def dequantize(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """codes (uint8) and their blocks' scale (broadcastable) -> float32 values level[code] * scale."""
+    return levels(bits, codes.device)[codes.long()] * scale.float()
+
+
+def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
+    bs = min(config.block_size, head_dim)
+    if head_dim % bs:
+        divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+        raise ValueError(
+            f"block_size {config.block_size} does not fit head_dim {head_dim}: nqkv quantizes blocks of "
+            f"min(block_size, head_dim) channels of one token, which must divide head_dim (valid block "
+            f"sizes here: {', '.join(map(str, divisors))}, or any size >= {head_dim})"
+        )
+    check_packing(head_dim, k_bits=config.key_bits, v_bits=config.value_bits)
+    r = config.residual_length
+    return (
+        Layout("nqkv", "k", config.key_bits, bs, CHANNEL_AXIS, r),
+        Layout("nqkv", "v", config.value_bits, bs, CHANNEL_AXIS, r),
+    )
