@@ -60,9 +60,10 @@ def demo(args: argparse.Namespace) -> None:
         print(f"--- {g.name} ---\n{g.text.strip()}\n")
     print(f"KV cache after {prompt_tokens + args.max_new_tokens} tokens (30 layers, 3 KV heads, head_dim 64, "
           f"float32), time per decoded token on {ev.machine()}:")
-    print(f"{'setting':<8} {'KV bytes':>12} {'vs ' + results[0].name:>10} {'ms/token':>9}")
+    print(f"{'setting':<8} {'KV bytes':>12} {'bits/elem':>9} {'vs ' + results[0].name:>10} {'ms/token':>9}")
     for g in results:
-        print(f"{g.name:<8} {g.kv_bytes:>12,} {base / g.kv_bytes:>9.2f}x {g.ms_per_token:>9.1f}")
+        print(f"{g.name:<8} {g.kv_bytes:>12,} {g.bits_per_element:>9.2f} {base / g.kv_bytes:>9.2f}x "
+              f"{g.ms_per_token:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": ev.machine(), "prompt_tokens": prompt_tokens, "results": [vars(g) for g in results]},
@@ -99,14 +100,16 @@ def torch_reset() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from .evaluate import DEFAULT_TEXT
+    from .evaluate import DEFAULT_TEXT, SETTINGS
+
+    names = ", ".join(SETTINGS)
 
     p = argparse.ArgumentParser(prog="kvquant", description="KV-cache quantization as a torch.compile backend")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="generate with full precision and kivi-4/kivi-2 on SmolLM2-135M")
     d.add_argument("--prompt", default=DEFAULT_PROMPT)
     d.add_argument("--max-new-tokens", type=int, default=320)
-    d.add_argument("--settings", default="fp,kivi-4,kivi-2", help="comma-separated: fp, kivi-4, kivi-2")
+    d.add_argument("--settings", default="fp,kivi-4,kivi-2", help=f"comma-separated, from: {names}")
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=demo)
     e = sub.add_parser("eval", help="decode perplexity of SmolLM2-135M on the Jargon File")
@@ -114,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     e.add_argument("--decode", type=int, default=512)
     e.add_argument("--windows", type=int, default=1)
     e.add_argument("--text", default=DEFAULT_TEXT)
-    e.add_argument("--settings", default="fp,kivi-4,kivi-2")
+    e.add_argument("--settings", default="fp,kivi-4,kivi-2", help=f"comma-separated, from: {names}")
     e.add_argument("--json", help="also write the results here")
     e.set_defaults(fn=evaluate)
     args = p.parse_args(argv)

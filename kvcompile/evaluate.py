@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import cache_nbytes
+from . import cache_nbytes, cache_tensors
 
 HERE = os.path.dirname(__file__)
 DEFAULT_TEXT = os.path.join(HERE, "data", "jargon_excerpt.txt")
@@ -28,7 +28,22 @@ SETTINGS: Dict[str, Optional[dict]] = {
     "fp": None,
     "kivi-4": {"method": "kivi", "bits": 4},
     "kivi-2": {"method": "kivi", "bits": 2},
+    "nqkv-4": {"method": "nqkv", "bits": 4},
+    "nqkv-3": {"method": "nqkv", "bits": 3},
+    "nqkv-2": {"method": "nqkv", "bits": 2},
+    "int8": {"method": "int8"},
+    "fp8": {"method": "fp8"},
 }
+
+
+def bits_per_element(cache) -> float:
+    """Stored bits per cached element: the bytes the cache holds (cache_nbytes: codes, scales, minimums,
+    spare rows and full-precision residual) * 8 over the number of logical key and value elements.
+    3-bit nqkv codes count as the 4 bits they take; a full-precision float32 cache gives 32."""
+    elements = sum(t.numel() for t in cache_tensors(cache))
+    if elements == 0:
+        raise ValueError("bits_per_element: the cache holds no elements")
+    return cache_nbytes(cache) * 8 / elements
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
@@ -102,6 +117,7 @@ class Generation:
     new_tokens: int
     kv_bytes: int
     ms_per_token: float
+    bits_per_element: float
 
 
 def prompt_ids(tok, prompt: str) -> torch.Tensor:
@@ -137,7 +153,7 @@ def timed_generate(model, tok, name: str, options: Optional[dict], prompt: str, 
     run()  # compile prefill and decode graphs
     tokens, cache, per_token = run()
     text = tok.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
-    return Generation(name, text, max_new_tokens, cache_nbytes(cache), per_token * 1e3)
+    return Generation(name, text, max_new_tokens, cache_nbytes(cache), per_token * 1e3, bits_per_element(cache))
 
 
 def compare_generations(model, tok, prompt: str, max_new_tokens: int, names: List[str]) -> List[Generation]:

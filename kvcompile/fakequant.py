@@ -40,8 +40,8 @@ class FakeQuantLayer(DynamicLayer):
         if n == 0:
             return x
         seg = x[:, :, n_q:n_q + n]
-        deq = ref.dequantize(*ref.quantize(seg, layout.bits, layout.group, layout.axis),
-                             layout.bits, layout.group, layout.axis, x.shape[-1])
+        deq = ref.dequantize(*ref.quantize(seg, layout.bits, layout.group, layout.axis, layout.fmt),
+                             layout.bits, layout.group, layout.axis, x.shape[-1], layout.fmt)
         self.n_q[layout.role] = n_q + n
         return torch.cat([x[:, :, :n_q], deq, x[:, :, n_q + n:]], dim=2)
 

@@ -16,37 +16,57 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from .kernels import reference as ref
+from .methods import FORMATS, KIVI, storage_bits
 
 KERNELS = ("auto", "triton", "torch")
 
 
-def use_triton(t: Tensor) -> bool:
+def use_triton(t: Tensor, *formats: int) -> bool:
     """Triton kernels on CUDA, the torch reference elsewhere. KVCOMPILE_KERNELS=triton forces the
-    kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference."""
+    kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference.
+    The kernels know the KIVI storage format only: any other of `formats` takes the reference."""
     mode = os.environ.get("KVCOMPILE_KERNELS", "auto")
     if mode not in KERNELS:
         raise ValueError(f"KVCOMPILE_KERNELS must be one of {', '.join(KERNELS)}; got {mode!r}")
+    if any(f != KIVI for f in formats):
+        return False
     return mode == "triton" or (mode == "auto" and t.is_cuda)
 
 
 def _count(name: str) -> None:
     counters["kvquant"][name] += 1
 
-# `meta` below: (bits, group, axis, nq) of a cache tensor, nq = tokens held by the packed storage.
+# `meta` below: (bits, group, axis, nq, fmt) of a cache tensor, nq = tokens held by the packed storage,
+# fmt its storage format (methods.FORMATS); a 4-element meta means KIVI. The kernels take meta[:4].
+
+
+def _fmt(meta: List[int]) -> int:
+    return int(meta[4]) if len(meta) > 4 else KIVI
+
+
+def _kernel_meta(meta: List[int]) -> List[int]:
+    return list(meta[:4])
+
+
+def _mn_width(D: int, group: int, axis: int, fmt: int) -> int:
+    if fmt != KIVI:
+        return 0
+    return D if axis == ref.TOKEN_AXIS else D // group
 
 
 @torch.library.custom_op("kvquant::quantize", mutates_args=())
-def quantize(x: Tensor, bits: int, group: int, axis: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """x [B, H, N, D] -> (codes uint8 [B, H, N, D*bits/8], scale, mn); see kernels/reference.py."""
-    return ref.quantize(x, bits, group, axis)
+def quantize(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tuple[Tensor, Tensor, Tensor]:
+    """x [B, H, N, D] -> (codes uint8 [B, H, N, D*storage_bits/8], scale, mn) in storage format `fmt`;
+    see kernels/reference.py."""
+    return ref.quantize(x, bits, group, axis, fmt)
 
 
 @quantize.register_fake
-def _quantize_fake(x: Tensor, bits: int, group: int, axis: int) -> Tuple[Tensor, Tensor, Tensor]:
+def _quantize_fake(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = x.shape
-    codes = x.new_empty((B, H, N, D * bits // 8), dtype=torch.uint8)
-    sshape = (B, H, N // group, D) if axis == ref.TOKEN_AXIS else (B, H, N, D // group)
-    return codes, x.new_empty(sshape), x.new_empty(sshape)
+    codes = x.new_empty((B, H, N, D * storage_bits(bits) // 8), dtype=torch.uint8)
+    rows, width = (N // group, D) if axis == ref.TOKEN_AXIS else (N, D // group)
+    return codes, x.new_empty((B, H, rows, width)), x.new_empty((B, H, rows, _mn_width(D, group, axis, fmt)))
 
 
 def _n_quantize(method: str, bits: int, group: int, axis: int, residual: int, n_res):
@@ -68,13 +88,14 @@ def compact_(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, nq: int, met
     n = _n_quantize(method, bits, group, axis, residual, res.shape[2] - ref.PAD)
     r = ref.unpad(res)
     o, os_ = ref.PAD + nq, ref.PAD + _scale_rows(nq, group, axis)
-    if n > 0 and use_triton(res):
+    fmt = FORMATS[method]
+    if n > 0 and use_triton(res, fmt):
         from .kernels import triton_quantize
 
         _count("triton_quantize_calls")
         triton_quantize.quantize(r[:, :, :n], bits, group, axis, out=(codes, scale, mn), row=o, scale_row=os_)
     elif n > 0:
-        c, s, m = ref.quantize(r[:, :, :n], bits, group, axis)
+        c, s, m = ref.quantize(r[:, :, :n], bits, group, axis, fmt)
         codes[:, :, o:o + n] = c
         scale[:, :, os_:os_ + s.shape[2]] = s
         mn[:, :, os_:os_ + m.shape[2]] = m
@@ -113,7 +134,7 @@ def _grow_fake(codes, scale, mn, nq, capacity, group, axis):
 @torch.library.custom_op("kvquant::dequantize", mutates_args=())
 def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, meta: List[int]) -> Tensor:
     """The full-precision cache [B, H, Nq + Nr, D] from padded (codes, scale, mn, res);
-    meta = (bits, group, axis, nq).
+    meta = (bits, group, axis, nq[, fmt]).
 
     An op rather than torch code so that tracing it (the state's dequantize-then-run fallback under
     Dynamo) adds no guards on the token counts: broadcasting a count that happens to be 1 would
@@ -149,12 +170,13 @@ def attention(
 ) -> Tensor:
     """SDPA of q [B, Hq, L, D] over packed K/V with Hkv heads -> [B, Hq, L, Dv]. `enable_gqa` says how
     the replaced SDPA call saw the heads; the reference follows it so that method "none" is exact."""
-    if use_triton(q) and dropout_p == 0.0:
+    if use_triton(q, _fmt(k_meta), _fmt(v_meta)) and dropout_p == 0.0:
         from .kernels import triton_attention
 
         _count("triton_attention_calls")
-        return triton_attention.attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, k_meta,
-                                          v_meta, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        return triton_attention.attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res,
+                                          _kernel_meta(k_meta), _kernel_meta(v_meta), attn_mask=attn_mask,
+                                          is_causal=is_causal, scale=scale)
     return ref.attention(
         q, (k_codes, k_scale, k_mn, k_res), (v_codes, v_scale, v_mn, v_res), tuple(k_meta), tuple(v_meta),
         attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
@@ -171,11 +193,11 @@ def _attention_fake(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_
 @torch.library.custom_op("kvquant::qk", mutates_args=())
 def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor, k_meta: List[int]) -> Tensor:
     """q [B, Hq, L, D] @ K^T -> [B, Hq, L, T] over packed keys with Hkv heads."""
-    if use_triton(q):
+    if use_triton(q, _fmt(k_meta)):
         from .kernels import triton_attention
 
         _count("triton_qk_calls")
-        return triton_attention.qk(q, k_codes, k_scale, k_mn, k_res, k_meta)
+        return triton_attention.qk(q, k_codes, k_scale, k_mn, k_res, _kernel_meta(k_meta))
     return ref.qk(q, (k_codes, k_scale, k_mn, k_res), tuple(k_meta))
 
 
@@ -188,11 +210,11 @@ def _qk_fake(q, k_codes, k_scale, k_mn, k_res, k_meta) -> Tensor:
 @torch.library.custom_op("kvquant::pv", mutates_args=())
 def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor, v_meta: List[int]) -> Tensor:
     """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] over packed values with Hkv heads."""
-    if use_triton(p):
+    if use_triton(p, _fmt(v_meta)):
         from .kernels import triton_attention
 
         _count("triton_pv_calls")
-        return triton_attention.pv(p, v_codes, v_scale, v_mn, v_res, v_meta)
+        return triton_attention.pv(p, v_codes, v_scale, v_mn, v_res, _kernel_meta(v_meta))
     return ref.pv(p, (v_codes, v_scale, v_mn, v_res), tuple(v_meta))
 
 

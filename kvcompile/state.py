@@ -4,8 +4,9 @@ Its logical shape and dtype are those of the full-precision cache [B, H, T, D], 
 reads `keys.shape[-2]` keeps working. Its inner tensors (see kernels/reference.py for layouts):
 
   codes  uint8 [B, H, C, D*bits/8]  packed codes of the Nq oldest tokens, then C - Nq spare rows
+                                    (3-bit codes take 4 bits: methods.storage_bits)
   scale  [B, H, C/G, D] or [B, H, C, D/G], cache dtype
-  mn     same shape as scale
+  mn     same shape as scale (kivi), or [B, H, C, 0] (the symmetric methods store no minimum)
   res    [B, H, Nr, D]  the newest Nr tokens in full precision;  T = Nq + Nr
 
 Nq is not stored: it is T - Nr, from the state's logical shape. Tokens leaving the residual are
@@ -168,11 +169,11 @@ _HANDLERS = {
 
 
 def _empty_packed(like: Tensor, layout: Layout, B, H, D) -> tuple:
-    cw, sw = layout.widths(D)
+    cw, sw, mw = layout.widths(D)
     return (
         like.new_zeros((B, H, ref.PAD, cw), dtype=torch.uint8),
         like.new_zeros((B, H, ref.PAD, sw)),
-        like.new_zeros((B, H, ref.PAD, sw)),
+        like.new_zeros((B, H, ref.PAD, mw)),
     )
 
 
@@ -208,7 +209,9 @@ def kv_append(past: KVState, new: Tensor) -> KVState:
 
 
 def _meta(s: KVState) -> list:
-    return [s.kv_layout.bits, s.kv_layout.group, s.kv_layout.axis, s.n_quantized]
+    """The ops' meta: (bits, group, axis, nq, fmt)."""
+    lay = s.kv_layout
+    return [lay.bits, lay.group, lay.axis, s.n_quantized, lay.fmt]
 
 
 def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Tensor] = None,

@@ -30,3 +30,22 @@ def kivi_options(draw):
     group = draw(st.sampled_from([2, 4, 8]))
     return dict(method="kivi", bits=draw(BITS), v_bits=draw(BITS), group_size=group,
                 residual_length=group * draw(st.integers(1, 3)))
+
+
+NQKV_BITS = st.sampled_from([2, 3, 4])
+
+
+@st.composite
+def nqkv_blocks(draw):
+    """(B, H, N, D, block) for nqkv: the block divides D, and D holds whole bytes of 2-, 3- and 4-bit
+    codes (a multiple of 4)."""
+    block = draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64]))
+    d = max(block, 4) * draw(st.integers(1, 3))
+    return draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 9)), d, block
+
+
+@st.composite
+def token_rows(draw):
+    """(B, H, N, D) for int8 / fp8 (one group per token: any head_dim, odd ones included)."""
+    d = draw(st.sampled_from([1, 3, 8, 17, 64, 96]))
+    return draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 9)), d

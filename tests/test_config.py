@@ -11,7 +11,7 @@ from models import tiny
 
 @pytest.mark.parametrize("options, words", [
     (dict(method="kivy"), ["'kivy'", "'kivi'", "'none'"]),
-    (dict(method="nqkv"), ["'nqkv'", "reserved", "'kivi'"]),
+    (dict(method="nqkv", bits=8), ["bits", "8", "2, 3, 4", "'nqkv'"]),
     (dict(bits=3), ["bits", "3", "2, 4"]),
     (dict(k_bits=8), ["k_bits", "8", "2, 4"]),
     (dict(v_bits=1), ["v_bits", "1", "2, 4"]),

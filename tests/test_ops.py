@@ -9,16 +9,16 @@ import torch.nn.functional as F
 
 from kvcompile import ops
 from kvcompile.kernels import reference as ref
-from kvcompile.methods import CHANNEL_AXIS, TOKEN_AXIS
+from kvcompile.methods import CHANNEL_AXIS, FORMATS, KIVI, TOKEN_AXIS
 
 
-def _packed(B, H, Nq, Nr, D, bits, group, axis, dtype=torch.float32, seed=0):
+def _packed(B, H, Nq, Nr, D, bits, group, axis, dtype=torch.float32, seed=0, fmt=KIVI):
     """Padded (codes, scale, mn, res) holding Nq quantized and Nr residual tokens, and the cache they mean."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, H, Nq + Nr, D, generator=g).to(dtype)
-    c, s, m = ref.quantize(x[:, :, :Nq], bits, group, axis)
+    c, s, m = ref.quantize(x[:, :, :Nq], bits, group, axis, fmt)
     inner = tuple(ref.pad(t) for t in (c, s, m, x[:, :, Nq:]))
-    return inner, ref.full_padded(*inner, bits, group, axis)
+    return inner, ref.full_padded(*inner, bits, group, axis, None, fmt)
 
 
 CASES = [  # B, Hq, Hkv, Nq, Nr, D, L
@@ -81,3 +81,63 @@ def test_append_and_quantize():
     assert torch.equal(ops.append(res, new), torch.cat([res, new], 2))
     torch.library.opcheck(ops.quantize, (torch.randn(1, 2, 8, 8), 2, 4, TOKEN_AXIS))
     torch.library.opcheck(ops.quantize, (torch.randn(1, 2, 3, 8), 4, 4, CHANNEL_AXIS))
+
+
+SYMMETRIC = [  # method, bits, group (head_dim 8)
+    ("nqkv", 4, 4), ("nqkv", 3, 8), ("nqkv", 2, 4), ("int8", 8, 8), ("fp8", 8, 8),
+]
+
+
+@pytest.mark.parametrize("method, bits, group", SYMMETRIC)
+@pytest.mark.parametrize("B, Hq, Hkv, Nq, Nr, D, L", CASES[:3])
+def test_symmetric_format_ops(method, bits, group, B, Hq, Hkv, Nq, Nr, D, L):
+    """nqkv / int8 / fp8 storage through every op: meta's 5th element names the format, mn has width 0."""
+    fmt = FORMATS[method]
+    k, K = _packed(B, Hkv, Nq, Nr, D, bits, group, CHANNEL_AXIS, seed=1, fmt=fmt)
+    v, V = _packed(B, Hkv, Nq, Nr, D, bits, group, CHANNEL_AXIS, seed=2, fmt=fmt)
+    assert k[2].shape[-1] == 0
+    meta = [bits, group, CHANNEL_AXIS, Nq, fmt]
+    q = torch.randn(B, Hq, L, D)
+    T = Nq + Nr
+    args = (q, *k, *v, meta, meta, None, 0.0, False, None, False)
+    torch.library.opcheck(ops.attention, args)
+    rep = Hq // Hkv
+    Kr, Vr = K.repeat_interleave(rep, dim=1), V.repeat_interleave(rep, dim=1)
+    torch.testing.assert_close(ops.attention(*args), F.scaled_dot_product_attention(q, Kr, Vr))
+    torch.library.opcheck(ops.qk, (q, *k, meta))
+    torch.testing.assert_close(ops.qk(q, *k, meta), q @ Kr.transpose(-1, -2))
+    p = torch.softmax(torch.randn(B, Hq, L, T), -1)
+    torch.library.opcheck(ops.pv, (p, *v, meta))
+    torch.testing.assert_close(ops.pv(p, *v, meta), p @ Vr)
+    torch.library.opcheck(ops.dequantize, (*k, meta))
+    torch.testing.assert_close(ops.dequantize(*k, meta), K, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method, bits, group", SYMMETRIC)
+def test_symmetric_format_quantize_and_compact(method, bits, group):
+    fmt = FORMATS[method]
+    x = torch.randn(2, 2, 5, 8)
+    torch.library.opcheck(ops.quantize, (x, bits, group, CHANNEL_AXIS, fmt))
+    c, s, m = ops.quantize(x, bits, group, CHANNEL_AXIS, fmt)
+    assert c.shape[-1] == 8 * (4 if bits == 3 else bits) // 8 and s.shape[-1] == 8 // group and m.shape[-1] == 0
+    # residual 2: 3 of the 5 residual tokens leave it, written after the 4 already held
+    (c, s, m, r), full = _packed(2, 2, 4, 5, 8, bits, group, CHANNEL_AXIS, fmt=fmt)
+    c, s, m = ops.grow(c, s, m, 4, 16, group, CHANNEL_AXIS)
+    args = (c, s, m, r, 4, method, bits, group, CHANNEL_AXIS, 2)
+    torch.library.opcheck(ops.compact_, tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in args))
+    r2 = ops.compact_(*args)
+    assert r2.shape[2] - ref.PAD == 2
+    want = ref.quantize(ref.unpad(r)[:, :, :3], bits, group, CHANNEL_AXIS, fmt)
+    for got, w in zip((c, s, m), want):
+        assert torch.equal(got[:, :, ref.PAD + 4:ref.PAD + 7], w)
+    deq = ops.dequantize(c, s, m, r2, [bits, group, CHANNEL_AXIS, 7, fmt])
+    torch.testing.assert_close(deq[:, :, :4], full[:, :, :4], atol=0, rtol=0)
+    torch.testing.assert_close(deq[:, :, 7:], ref.unpad(r)[:, :, 3:], atol=0, rtol=0)
+
+
+def test_triton_is_never_picked_for_other_formats(monkeypatch):
+    monkeypatch.setenv("KVCOMPILE_KERNELS", "triton")
+    t = torch.zeros(1)
+    assert ops.use_triton(t) and ops.use_triton(t, KIVI, KIVI)
+    for method in ("nqkv", "int8", "fp8"):
+        assert not ops.use_triton(t, FORMATS[method]) and not ops.use_triton(t, KIVI, FORMATS[method])

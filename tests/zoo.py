@@ -153,8 +153,8 @@ def main(argv=None) -> None:
     print(md)
     if args.readme:
         text = open(args.readme).read()
-        text = re.sub(r"(<!-- zoo:start -->\n).*?(\n<!-- zoo:end -->)", lambda m: m.group(1) + md + m.group(2), text,
-                      flags=re.S)
+        text = re.sub(r"(<!-- zoo:start -->\n).*?(<!-- zoo:end -->)", lambda m: m.group(1) + md + "\n" + m.group(2),
+                      text, flags=re.S)
         open(args.readme, "w").write(text)
 
 
