@@ -74,11 +74,12 @@ class Layout:
         return torch.sym_max(n_res - self.residual, 0)
 
     def capacity(self, need: SymInt) -> SymInt:
-        """Tokens of packed storage to allocate when `need` do not fit: need plus 1/32 (so the bytes
-        held stay within a few percent of the packed size), rounded up to whole flushes (R tokens for
-        keys) or to 32 tokens (values). Growing copies the storage once per ~need/32 tokens."""
-        quantum = self.residual if self.axis == TOKEN_AXIS else 32
-        want = need + need // 32
+        """Tokens of packed storage to allocate when `need` do not fit: need plus 1/64 (so the bytes
+        held stay within a few percent of the packed size), rounded up to whole groups (keys: scale
+        rows cover G tokens) or to 32 tokens (values). Growing copies the storage once per
+        ~need/64 tokens, or at most once per key flush (R tokens) while need/64 < R."""
+        quantum = self.group if self.axis == TOKEN_AXIS else 32
+        want = need + need // 64
         return ((want + quantum - 1) // quantum) * quantum
 
     def widths(self, head_dim: int) -> Tuple[int, int, int]:
