@@ -39,7 +39,7 @@ SETTINGS: Dict[str, Optional[dict]] = {
 def bits_per_element(cache) -> float:
     """Stored bits per cached element: the bytes the cache holds (cache_nbytes: codes, scales, minimums,
     spare rows and full-precision residual) * 8 over the number of logical key and value elements.
-    3-bit nqkv codes count as the 4 bits they take; a full-precision float32 cache gives 32."""
+    A full-precision float32 cache gives 32."""
     elements = sum(t.numel() for t in cache_tensors(cache))
     if elements == 0:
         raise ValueError("bits_per_element: the cache holds no elements")

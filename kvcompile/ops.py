@@ -16,7 +16,7 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from .kernels import reference as ref
-from .methods import FORMATS, KIVI, storage_bits
+from .methods import FORMATS, KIVI
 
 KERNELS = ("auto", "triton", "torch")
 
@@ -56,7 +56,7 @@ def _mn_width(D: int, group: int, axis: int, fmt: int) -> int:
 
 @torch.library.custom_op("kvquant::quantize", mutates_args=())
 def quantize(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tuple[Tensor, Tensor, Tensor]:
-    """x [B, H, N, D] -> (codes uint8 [B, H, N, D*storage_bits/8], scale, mn) in storage format `fmt`;
+    """x [B, H, N, D] -> (codes uint8 [B, H, N, D*bits/8], scale, mn) in storage format `fmt`;
     see kernels/reference.py."""
     return ref.quantize(x, bits, group, axis, fmt)
 
@@ -64,7 +64,7 @@ def quantize(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tu
 @quantize.register_fake
 def _quantize_fake(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tuple[Tensor, Tensor, Tensor]:
     B, H, N, D = x.shape
-    codes = x.new_empty((B, H, N, D * storage_bits(bits) // 8), dtype=torch.uint8)
+    codes = x.new_empty((B, H, N, D * bits // 8), dtype=torch.uint8)
     rows, width = (N // group, D) if axis == ref.TOKEN_AXIS else (N, D // group)
     return codes, x.new_empty((B, H, rows, width)), x.new_empty((B, H, rows, _mn_width(D, group, axis, fmt)))
 

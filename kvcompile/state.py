@@ -4,7 +4,7 @@ Its logical shape and dtype are those of the full-precision cache [B, H, T, D], 
 reads `keys.shape[-2]` keeps working. Its inner tensors (see kernels/reference.py for layouts):
 
   codes  uint8 [B, H, C, D*bits/8]  packed codes of the Nq oldest tokens, then C - Nq spare rows
-                                    (3-bit codes take 4 bits: methods.storage_bits)
+                                    (3-bit codes: 8 in 3 bytes)
   scale  [B, H, C/G, D] or [B, H, C, D/G], cache dtype
   mn     same shape as scale (kivi), or [B, H, C, 0] (the symmetric methods store no minimum)
   res    [B, H, Nr, D]  the newest Nr tokens in full precision;  T = Nq + Nr

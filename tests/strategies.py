@@ -38,9 +38,9 @@ NQKV_BITS = st.sampled_from([2, 3, 4])
 @st.composite
 def nqkv_blocks(draw):
     """(B, H, N, D, block) for nqkv: the block divides D, and D holds whole bytes of 2-, 3- and 4-bit
-    codes (a multiple of 4)."""
+    codes (a multiple of 8: 3-bit codes pack 8 in 3 bytes)."""
     block = draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64]))
-    d = max(block, 4) * draw(st.integers(1, 3))
+    d = max(block, 8) * draw(st.integers(1, 3))
     return draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 9)), d, block
 
 

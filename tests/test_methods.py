@@ -52,12 +52,14 @@ def plain_levels(bits: int) -> list:
 
 
 def plain_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [..., D] -> bytes, 3-bit codes in 4 bits; low bits first."""
-    sb = 4 if bits == 3 else bits
-    per = 8 // sb
-    packed = torch.zeros(*codes.shape[:-1], codes.shape[-1] // per, dtype=torch.int64)
-    for k in range(per):
-        packed |= codes[..., k::per] << (sb * k)
+    """Codes [..., D] -> bytes, bit by bit: code i's bit j is bit (i * bits + j) of the row's bytes,
+    low bits first (so 4/2-bit codes share a byte, and 8 3-bit codes fill 3 bytes)."""
+    D = codes.shape[-1]
+    packed = torch.zeros(*codes.shape[:-1], D * bits // 8, dtype=torch.int64)
+    for i in range(D):
+        for j in range(bits):
+            pos = i * bits + j
+            packed[..., pos // 8] |= ((codes[..., i] >> j) & 1) << (pos % 8)
     return packed.to(torch.uint8)
 
 
@@ -167,8 +169,7 @@ def test_nqkv_quantizer_bit_exact(shape, bits, dtype, seed):
     x = _data((B, H, N, D), dtype, seed, block)
     packed, scale, codes, deq = plain_nqkv(x, bits, block)
     _check(x, "nqkv", bits, block, packed, scale, deq)
-    sb = 4 if bits == 3 else bits
-    assert torch.equal(ref.unpack(ref.quantize(x, bits, block, CHANNEL_AXIS, FORMATS["nqkv"])[0], sb).long(), codes)
+    assert torch.equal(ref.unpack(ref.quantize(x, bits, block, CHANNEL_AXIS, FORMATS["nqkv"])[0], bits).long(), codes)
 
 
 @settings(max_examples=40, deadline=None)
@@ -192,7 +193,7 @@ def test_fp8_quantizer_bit_exact(shape, dtype, seed):
 
 @pytest.mark.parametrize("method, bits, shape, block, dtype", [  # regression grid beside the strategies
     ("nqkv", 2, (1, 1, 1, 4), 4, torch.float32),
-    ("nqkv", 3, (2, 3, 5, 12), 4, torch.float16),
+    ("nqkv", 3, (2, 3, 5, 24), 4, torch.float16),
     ("nqkv", 4, (1, 2, 3, 192), 64, torch.bfloat16),
     ("nqkv", 4, (2, 1, 7, 8), 1, torch.float16),
     ("int8", 8, (2, 2, 3, 1), 1, torch.bfloat16),
@@ -325,7 +326,7 @@ BYTE_CASES = [dict(method="nqkv", bits=4), dict(method="nqkv", bits=3), dict(met
 @pytest.mark.parametrize("options", BYTE_CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_state_bytes_match_the_packed_formula(options):
     """A 16-bit cache, head_dim 64, 100-token prefill then 1500 decode steps: the bytes held are the
-    packed size of the codes (3-bit codes in 4 bits), one scale per block and the residual, within a
+    packed size of the codes (3-bit codes 8 in 3 bytes), one scale per block and the residual, within a
     few percent (spare capacity and pad rows), and no minimum is stored."""
     B, H, D, dt = 1, 2, 64, torch.float16
     config = Config(**options)
@@ -334,7 +335,7 @@ def test_state_bytes_match_the_packed_formula(options):
     for _ in range(1500):
         s = kv_compact(kv_append(s, torch.randn(B, H, 1, D).to(dt)))
     T, R, G = 1600, config.residual_length, lay.group
-    sb = 4 if config.bits == 3 else config.bits
+    sb = config.bits
     nq, nr, cap = s.n_quantized, s.res.shape[2] - 2, s.codes.shape[2] - 2
     assert nq + nr == T and nr == R and s.mn.numel() == 0
     exact = B * H * ((cap + 2) * D * sb // 8 + (cap + 2) * (D // G) * 2 + (nr + 2) * D * 2)
@@ -392,8 +393,12 @@ def test_defaults_per_method():
 def test_block_that_does_not_fit_head_dim_is_named():
     with pytest.raises(ValueError, match=r"block_size 24 does not fit head_dim 64.*1, 2, 4, 8, 16, 32, 64"):
         layouts(Config(method="nqkv", block_size=24), 64)
-    with pytest.raises(ValueError, match="v_bits=2 packs 4 codes per byte, which must divide head_dim 6"):
+    with pytest.raises(ValueError, match="v_bits=2 packs 4 codes into a byte, so head_dim must be a multiple of 4; "
+                                         "got head_dim 6"):
         layouts(Config(method="nqkv", bits=4, v_bits=2, block_size=2), 6)
+    with pytest.raises(ValueError, match="k_bits=3 packs 8 codes into 3 bytes, so head_dim must be a multiple of 8; "
+                                         "got head_dim 12"):
+        layouts(Config(method="nqkv", bits=3, block_size=4), 12)
 
 
 def test_bad_block_through_torch_compile_is_a_value_error():

@@ -119,7 +119,7 @@ def test_symmetric_format_quantize_and_compact(method, bits, group):
     x = torch.randn(2, 2, 5, 8)
     torch.library.opcheck(ops.quantize, (x, bits, group, CHANNEL_AXIS, fmt))
     c, s, m = ops.quantize(x, bits, group, CHANNEL_AXIS, fmt)
-    assert c.shape[-1] == 8 * (4 if bits == 3 else bits) // 8 and s.shape[-1] == 8 // group and m.shape[-1] == 0
+    assert c.shape[-1] == 8 * bits // 8 and s.shape[-1] == 8 // group and m.shape[-1] == 0
     # residual 2: 3 of the 5 residual tokens leave it, written after the 4 already held
     (c, s, m, r), full = _packed(2, 2, 4, 5, 8, bits, group, CHANNEL_AXIS, fmt=fmt)
     c, s, m = ops.grow(c, s, m, 4, 16, group, CHANNEL_AXIS)

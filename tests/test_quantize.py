@@ -93,6 +93,22 @@ def test_pack_roundtrip(bits, rows, seed):
     assert torch.equal(ref.unpack(packed, bits).long(), q)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 2 ** 31 - 1))
+def test_pack_3bit_roundtrip(words, seed):
+    q = torch.randint(0, 8, (2, 3, 8 * words), generator=torch.Generator().manual_seed(seed))
+    packed = ref.pack(q, 3)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == 3 * words  # 8 codes in 3 bytes
+    assert torch.equal(ref.unpack(packed, 3).long(), q)
+
+
+def test_pack_3bit_layout():
+    """Code i occupies bits 3i..3i+2 of a little-endian 24-bit word."""
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]])
+    word = sum(c << (3 * i) for i, c in enumerate(codes[0].tolist()))
+    assert ref.pack(codes, 3)[0].tolist() == [word & 0xFF, word >> 8 & 0xFF, word >> 16]
+
+
 def test_pack_is_low_bits_first():
     assert ref.pack(torch.tensor([[1, 2, 3, 0]]), 2).item() == 1 | 2 << 2 | 3 << 4
     assert ref.pack(torch.tensor([[5, 10]]), 4).item() == 5 | 10 << 4

@@ -2,8 +2,8 @@
 
 Shapes (B batch, H heads, N tokens, D head_dim, Hq query heads, L query length, T = Nq + Nr):
   x            [B, H, N, D]                cache dtype
-  codes        [B, H, N, D * sb / 8]       uint8, 8/sb codes per byte, low bits first
-                                           (sb = storage_bits(bits): bits, or 4 for 3-bit codes)
+  codes        [B, H, N, D * bits / 8]     uint8, codes packed low bits first (3-bit codes: 8 in
+                                           3 bytes, as one little-endian 24-bit word)
   scale, mn    [B, H, N / G, D]            (axis 2: groups of G tokens, one channel)
                [B, H, N, D / G]            (axis 3: groups of G channels, one token)
                                            (mn: last dim 0 for the symmetric formats)
@@ -25,8 +25,8 @@ stored scale, so that dequantization inverts exactly what was stored. A constant
 scale 0 and dequantizes to mn exactly. The Triton kernels implement this format only.
 
 NF, INT8, FP8 (methods nqkv, int8, fp8): symmetric, one scale per group and no minimum (mn has
-width 0); the per-group arithmetic is in methods/nqkv.py, int8.py and fp8.py. 3-bit codes are
-stored in 4 bits (2 a byte, `storage_bits`), 8-bit codes one a byte.
+width 0); the per-group arithmetic is in methods/nqkv.py, int8.py and fp8.py. 8-bit codes take one
+byte each; 3-bit codes 3 bytes per 8 codes.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..methods import FP8, INT8, KIVI, NF, fp8, int8, nqkv, storage_bits
+from ..methods import FP8, INT8, KIVI, NF, fp8, int8, nqkv
 
 TOKEN_AXIS = 2
 CHANNEL_AXIS = 3
@@ -53,10 +53,21 @@ def pad(t: Tensor) -> Tensor:
     return torch.cat([t.new_zeros((B, H, PAD, X)), t], dim=2)
 
 
+_SHIFTS3 = tuple(range(0, 24, 3))
+
+
 def pack(codes: Tensor, bits: int) -> Tensor:
-    """[..., D] integer codes in [0, 2^bits) -> [..., D * bits / 8] uint8, low bits first."""
+    """[..., D] integer codes in [0, 2^bits) -> [..., D * bits / 8] uint8, low bits first.
+    3 bits: each 8 codes form a 24-bit word (code i in bits 3i..3i+2) stored as 3 bytes, low first."""
     if bits == 8:
         return codes.to(torch.uint8)
+    if bits == 3:
+        c = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // 8, 8)
+        word = c[..., 0]
+        for i in range(1, 8):
+            word = word | (c[..., i] << _SHIFTS3[i])
+        out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1).to(torch.uint8)
+        return out.reshape(*codes.shape[:-1], codes.shape[-1] * 3 // 8)
     per = 8 // bits
     c = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
     out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
@@ -69,6 +80,11 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     """Inverse of `pack`: [..., D * bits / 8] uint8 -> [..., D] uint8 codes."""
     if bits == 8:
         return packed
+    if bits == 3:
+        b = packed.to(torch.int32).reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        c = torch.stack([(word >> s) & 7 for s in _SHIFTS3], dim=-1).to(torch.uint8)
+        return c.reshape(*packed.shape[:-1], packed.shape[-1] * 8 // 3)
     per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     c = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
@@ -104,7 +120,7 @@ def quantize(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tu
     if fmt != KIVI:
         q, scale = _symmetric(fmt).quantize(xg, bits, x.dtype, rd)
         scale = scale.squeeze(rd)
-        codes = pack(q.reshape(B, H, N, D), storage_bits(bits))
+        codes = pack(q.reshape(B, H, N, D), bits)
         return codes.contiguous(), scale.contiguous(), scale.new_zeros((*scale.shape[:3], 0))
     qmax = (1 << bits) - 1
     mn = xg.amin(dim=rd, keepdim=True)
@@ -123,7 +139,7 @@ def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group: int, 
     B, H, N, _ = codes.shape
     rd = _reduce_dim(axis)
     if fmt != KIVI:
-        q = _grouped(unpack(codes, storage_bits(bits)).reshape(B, H, N, head_dim), group, axis)
+        q = _grouped(unpack(codes, bits).reshape(B, H, N, head_dim), group, axis)
         x = _symmetric(fmt).dequantize(q, scale.unsqueeze(rd), bits)
         return x.reshape(B, H, N, head_dim).to(scale.dtype)
     q = unpack(codes, bits).float().reshape(B, H, N, head_dim)

@@ -29,9 +29,10 @@ FP8 = 3  # float8 e4m3fn bytes times a per-token scale, no mn (fp8.py)
 FORMATS = {"none": KIVI, "kivi": KIVI, "nqkv": NF, "int8": INT8, "fp8": FP8}
 
 
-def storage_bits(bits: int) -> int:
-    """Bits a code takes in storage: 3-bit codes are stored 2 a byte (4 bits each), others as is."""
-    return 4 if bits == 3 else bits
+def codes_per_word(bits: int) -> int:
+    """Codes packed into one whole number of bytes: 8 // bits (1, 2 or 4 codes a byte), or 8 codes in
+    3 bytes for 3-bit codes. head_dim must be a multiple of it."""
+    return 8 if bits == 3 else 8 // bits
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,6 @@ class Layout:
         """The storage format of the codes (KIVI, NF, INT8 or FP8)."""
         return FORMATS[self.method]
 
-    @property
-    def codes_per_byte(self) -> int:
-        return 8 // storage_bits(self.bits) if self.quantized else 1
-
     def n_quantize(self, n_res: SymInt) -> SymInt:
         """How many of the oldest residual tokens to quantize now (after attention has read them)."""
         if not self.quantized:
@@ -87,7 +84,7 @@ class Layout:
         of tokens (token axis) or tokens (channel axis). Symmetric formats store no mn (width 0)."""
         if not self.quantized:
             return 0, 0, 0
-        codes = head_dim // self.codes_per_byte
+        codes = head_dim * self.bits // 8
         scale = head_dim if self.axis == TOKEN_AXIS else head_dim // self.group
         return codes, scale, scale if self.fmt == KIVI else 0
 
@@ -95,9 +92,11 @@ class Layout:
 def check_packing(head_dim: int, **bits: int) -> None:
     """Raise ValueError unless head_dim holds whole bytes of codes for each of `bits` (name=bits)."""
     for name, b in bits.items():
-        per = 8 // storage_bits(b)
+        per = codes_per_word(b)
         if head_dim % per:
-            raise ValueError(f"{name}={b} packs {per} codes per byte, which must divide head_dim {head_dim}")
+            into = "3 bytes" if b == 3 else "a byte"
+            raise ValueError(f"{name}={b} packs {per} codes into {into}, so head_dim must be a multiple of {per}; "
+                             f"got head_dim {head_dim}")
 
 
 def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:

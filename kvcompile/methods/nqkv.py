@@ -23,9 +23,9 @@ Quantization of a block x (float32 arithmetic):
 i.e. the nearest level, a tie going to the lower one (torch.bucketize over the midpoints, exact and
 deterministic). Dequantized: level[code] * scale; an all-zero block dequantizes to exactly 0.
 
-Storage: 4- and 2-bit codes are packed 2 and 4 a byte (low bits first); 3-bit codes take 4 bits
-each, 2 a byte, so nqkv-3 holds as many bytes as nqkv-4. One scale per block, no minimum:
-memory per element storage_bits + 16 / block_size with a 16-bit cache.
+Storage: 4- and 2-bit codes are packed 2 and 4 a byte (low bits first); 3-bit codes 8 in 3 bytes
+(one little-endian 24-bit word), so head_dim must be a multiple of 8 for them. One scale per block,
+no minimum: memory per element bits + 16 / block_size with a 16-bit cache.
 """
 
 from __future__ import annotations
