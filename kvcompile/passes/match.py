@@ -9,7 +9,9 @@ of the result is one of:
   * matmul(probs, .)                                           -> "pv" use  (eager attention)
   * a size query (size(), .shape, dim())                        -> left as is
 each optionally through repeat_kv (`x[:, :, None]` -> expand -> reshape). The intermediates must
-have no other users. Anything else leaves the update alone, with the reason recorded.
+have no other users. The tokens appended must be the attention's queries (self-attention; an
+encoder-decoder's cross-attention appends the encoder's tokens and is left alone). Anything else
+leaves the update alone, with the reason recorded.
 
 A cache created without a cat (a hand-written decoder's first call returns its K and V as they are)
 is matched the same way: a returned 4-D tensor whose every use is one of the above.
@@ -226,6 +228,9 @@ def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
                 upd.reason = "it is read both as keys and as values"
             else:
                 upd.role = roles.pop()
+    for upd in updates:
+        if upd.matched:
+            upd.reason = _cross_attention(upd)
     # SDPA needs both of its key and value to be matched cache updates (to a fixed point).
     by_cat = {u.cat: u for u in updates}
     changed = True
@@ -243,6 +248,33 @@ def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
                     changed = True
                     break
     return updates
+
+
+def _tokens(node) -> Optional[object]:
+    v = val(node) if isinstance(node, fx.Node) else None
+    return v.shape[-2] if isinstance(v, torch.Tensor) and v.dim() >= 2 else None
+
+
+def _known_equal(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+def _cross_attention(upd: CacheUpdate) -> Optional[str]:
+    """In self-attention every appended token is also a query: the tokens appended equal the query
+    length of each attention reading the cache. Otherwise the keys and values come from another
+    sequence (an encoder-decoder's cross-attention): left alone."""
+    new = _tokens(upd.new)
+    for use in upd.uses:
+        query = sdpa_args(use.node).get("query") if use.kind == "sdpa" else use.node.args[0]
+        q = _tokens(query)
+        if new is None or q is None or not _known_equal(new, q):
+            return (f"it appends {new} tokens while {describe(use.node)} has {q} queries: keys and values from "
+                    f"another sequence (cross-attention), which kvcompile leaves alone")
+    return None
 
 
 def _strip_repeat(node) -> object:

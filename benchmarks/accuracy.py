@@ -1,0 +1,137 @@
+"""Accuracy study: decode perplexity, greedy agreement and stored bits per element of every KV-cache
+setting on real models, side by side with transformers' QuantizedCache (quanto, HQQ).
+
+    python benchmarks/accuracy.py                       # SmolLM2-135M and Gemma-3-270M, 16 windows
+    python benchmarks/accuracy.py --models smollm2 --windows 4 --settings kivi-4,nqkv-4
+
+Per model: `--windows` consecutive windows of the text (default: the Jargon File excerpt shipped in
+kvcompile/data; `--text` for another), each prefilled with `--prefill` tokens, then `--decode`
+tokens fed one at a time through the cache under test (decode perplexity = exp of the mean
+next-token NLL over those tokens). Greedy agreement: after the prefill, the full-precision cache's
+greedy continuation of `--agree` tokens is teacher-forced through the cache under test, and the
+share of steps whose argmax equals it is reported. Every kvquant setting runs compiled (backend
+"kvquant") and, with --reference (default), also through FakeQuantCache (the eager reference of the
+same semantics); the table shows the gap. Bits per element are measured from the cache after the
+window (codes, scales, minimums, spare rows and the full-precision residual, over the elements a
+full-precision cache holds). Windows run as one batch (`--batch`).
+
+Writes a Markdown table to stdout, JSON (--out) and a plot of PPL increase vs bits per element
+(--plot). The model runs in --dtype (default bfloat16, so the cache, its scales and the fp baseline
+are 16-bit, as in serving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from kvcompile import evaluate as ev  # noqa: E402
+
+HERE = os.path.dirname(__file__)
+DEFAULT_SETTINGS = ("kivi-4,kivi-4-g128,kivi-2,kivi-2-g128,kivi-k4v2-r32,nqkv-4,nqkv-4-b16,nqkv-3,nqkv-2,int8,fp8,"
+                    "quanto-4,quanto-2,hqq-4,hqq-2")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = results["models"][model]["rows"]
+        base = next(r["perplexity"] for r in rows if r["kind"] == "fp")
+        for r in rows:
+            if r["kind"] == "reference" or r["bits_per_element"] is None or r["perplexity"] != r["perplexity"]:
+                continue
+            delta = 100 * (r["perplexity"] / base - 1)
+            style = {"fp": ("k", "*"), "kvquant": ("tab:blue", "o"), "quantized-cache": ("tab:red", "s")}[r["kind"]]
+            ax.scatter(r["bits_per_element"], max(delta, 0.01), color=style[0], marker=style[1], s=36)
+            ax.annotate(r["setting"], (r["bits_per_element"], max(delta, 0.01)), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per element stored (measured)")
+        ax.set_ylabel("decode perplexity increase over fp (%)")
+        ax.set_title(f"{model}: {results['windows']} windows, prefill {results['prefill']} + {results['decode']}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].scatter([], [], color="tab:blue", marker="o", label="kvquant")
+    axes[0][0].scatter([], [], color="tab:red", marker="s", label="transformers QuantizedCache")
+    axes[0][0].legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"KV-cache quantization accuracy ({results['machine']}, {results['dtype']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="smollm2,gemma3", help=f"comma-separated, from: {', '.join(ev.MODELS)}")
+    p.add_argument("--settings", default=DEFAULT_SETTINGS,
+                   help=f"comma-separated, from: {', '.join([*ev.SETTINGS, *ev.BASELINES])} (fp always runs)")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="windows per forward")
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=512)
+    p.add_argument("--agree", type=int, default=64, help="greedy-agreement tokens after each prefill (0: skip)")
+    p.add_argument("--text", default=ev.DEFAULT_TEXT)
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--compiler", default="eager", choices=["inductor", "aot_eager", "eager"],
+                   help="the kvquant backend's compiler for the rest of the graph (the kvquant ops are the same; "
+                        "eager skips Inductor's minutes of CPU codegen per setting)")
+    p.add_argument("--reference", default="kivi-4,kivi-2,nqkv-4,nqkv-3",
+                   help="kvquant settings also run through FakeQuantCache (eager reference): comma-separated, "
+                        "'all' or 'none'")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
+    p.add_argument("--plot", default=os.path.join(HERE, "results", "accuracy.png"))
+    p.add_argument("--append", action="store_true",
+                   help="keep the other models already in --out (a study run one model at a time)")
+    args = p.parse_args()
+    from kvcompile.cli import _quiet
+
+    _quiet()
+    torch.manual_seed(0)
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    results = {"machine": ev.machine(), "dtype": args.dtype, "windows": args.windows, "prefill": args.prefill,
+               "decode": args.decode, "agree": args.agree, "text": os.path.basename(args.text),
+               "compiler": args.compiler, "torch": torch.__version__,
+               "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]), "models": {}}
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+        results["models"] = previous["models"]
+        results["command"] = previous["command"] + " && " + results["command"]
+    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        start = time.perf_counter()
+        print(f"loading {model_name} ({args.dtype}) ...", flush=True)
+        model, tok = ev.load_model(model_name, DTYPES[args.dtype])
+        reference = {"all": True, "none": False}.get(args.reference, args.reference.split(","))
+        rows = ev.study(model, tok, names, args.windows, args.prefill, args.decode, args.agree, args.batch,
+                        args.text, reference, args.compiler)
+        print(f"\n{model_name}: decode perplexity, {args.windows} windows of {args.prefill} + {args.decode} "
+              f"tokens ({results['text']}), greedy agreement over {args.agree} tokens, {args.dtype}, "
+              f"{results['machine']}\n")
+        print(ev.table(rows), flush=True)
+        results["models"][model_name] = {"rows": [asdict(r) for r in rows], "seconds": time.perf_counter() - start}
+        del model
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+        if args.plot:
+            plot(results, args.plot)
+    print(f"\nwrote {args.out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
