@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -63,7 +64,7 @@ def plot(results: dict, path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("bits per element stored (measured)")
-        ax.set_ylabel("decode perplexity increase over fp (%)")
+        ax.set_ylabel("decode perplexity increase over fp (%, <= 0.01 drawn at 0.01)")
         ax.set_title(f"{model}: {results['windows']} windows, prefill {results['prefill']} + {results['decode']}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].scatter([], [], color="tab:blue", marker="o", label="kvquant")
@@ -72,6 +73,29 @@ def plot(results: dict, path: str) -> None:
     fig.suptitle(f"KV-cache quantization accuracy ({results['machine']}, {results['dtype']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def render(results: dict) -> str:
+    """The README block: how it was made, then one table per model."""
+    out = [f"`{results['command']}` ({results['machine']}, torch {results['torch']}, {results['dtype']} model and "
+           f"cache; kvquant compiler `{results['compiler']}`): {results['windows']} windows of "
+           f"{results['prefill']} + {results['decode']} tokens of `{results['text']}`, greedy agreement over "
+           f"{results['agree']} tokens."]
+    for model, r in results["models"].items():
+        rows = [ev.Scored(**row) for row in r["rows"]]
+        out += ["", f"**{model}** ({r['seconds'] / 60:.0f} min)", "", ev.table(rows)]
+    return "\n".join(out)
+
+
+def write_readme(results: dict, readme: str) -> None:
+    with open(readme) as f:
+        text = f.read()
+    block = f"<!-- accuracy:start -->\n{render(results)}\n<!-- accuracy:end -->"
+    new, n = re.subn(r"<!-- accuracy:start -->.*?<!-- accuracy:end -->", lambda m: block, text, flags=re.S)
+    if n != 1:
+        raise SystemExit(f"{readme} has no <!-- accuracy:start --> ... <!-- accuracy:end --> block")
+    with open(readme, "w") as f:
+        f.write(new)
 
 
 def main() -> None:
@@ -96,7 +120,16 @@ def main() -> None:
     p.add_argument("--plot", default=os.path.join(HERE, "results", "accuracy.png"))
     p.add_argument("--append", action="store_true",
                    help="keep the other models already in --out (a study run one model at a time)")
+    p.add_argument("--readme", help="only render --out (JSON of an earlier run) into this README's accuracy "
+                                    "block (and redraw --plot); runs nothing")
     args = p.parse_args()
+    if args.readme:
+        with open(args.out) as f:
+            results = json.load(f)
+        write_readme(results, args.readme)
+        if args.plot:
+            plot(results, args.plot)
+        return
     from kvcompile.cli import _quiet
 
     _quiet()

@@ -213,17 +213,17 @@ def held_nbytes(obj) -> int:
     return 0
 
 
-def stored_bits(cache, model_config) -> float:
+def stored_bits(cache, model_config, batch: int) -> float:
     """Bits per cached key/value element, measured from what the cache holds (codes, scales, minimums,
     spare rows, full-precision residual) over the elements a full-precision cache of the same layers
-    would hold. Handles DynamicCache (kvquant states inside) and transformers' QuantizedCache."""
+    would hold. Handles DynamicCache (kvquant states inside) and transformers' QuantizedCache (whose
+    element count is `batch` x KV heads x tokens seen x head_dim per layer)."""
     total_bytes, elements = 0, 0
     cfg = model_config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     for layer in cache.layers:
         if hasattr(layer, "_quantized_keys"):  # QuantizedCache: packed states + fp residual
             held = [layer._quantized_keys, layer._quantized_values, layer.keys, layer.values]
-            batch = layer.keys.shape[0] if layer.keys.dim() == 4 else 1
             elements += 2 * batch * cfg.num_key_value_heads * layer.cumulative_length * head_dim
         else:
             held = [layer.keys, layer.values]
@@ -290,7 +290,7 @@ def score(fn, make_cache, ids: torch.Tensor, prefill: int, greedy: Optional[torc
         if t + 1 < ids.shape[1]:
             logits = forward(ids[:, t:t + 1], cache)
         step(1)
-    bits = stored_bits(cache, fn.config if hasattr(fn, "config") else fn._orig_mod.config)
+    bits = stored_bits(cache, fn.config if hasattr(fn, "config") else fn._orig_mod.config, ids.shape[0])
     del cache
     preds = []
     if agree:
