@@ -123,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     e.add_argument("--agree", type=int, default=64, help="greedy-agreement tokens after each prefill (0: skip)")
     e.add_argument("--text", default=DEFAULT_TEXT)
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    e.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    e.add_argument("--compiler", default="eager", choices=["inductor", "aot_eager", "eager"],
+                   help="the kvquant backend's compiler for the rest of the graph (inductor: minutes of CPU codegen per setting)")
     e.add_argument("--reference", action="store_true",
                    help="also run each kvquant setting through FakeQuantCache (eager) and show the gap")
     e.add_argument("--json", help="also write the results here")
