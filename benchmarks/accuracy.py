@@ -35,11 +35,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kvcompile import evaluate as ev  # noqa: E402
+from kvcompile.cli import _quiet, add_study_options, split_names  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 DEFAULT_SETTINGS = ("kivi-4,kivi-4-g128,kivi-2,kivi-2-g128,kivi-k4v2-r32,nqkv-4,nqkv-4-b16,nqkv-3,nqkv-2,int8,fp8,"
                     "quanto-4,quanto-2,hqq-4,hqq-2")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def plot(results: dict, path: str) -> None:
@@ -101,18 +101,7 @@ def write_readme(results: dict, readme: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2,gemma3", help=f"comma-separated, from: {', '.join(ev.MODELS)}")
-    p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help=f"comma-separated, from: {', '.join([*ev.SETTINGS, *ev.BASELINES])} (fp always runs)")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--batch", type=int, default=16, help="windows per forward")
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--decode", type=int, default=512)
-    p.add_argument("--agree", type=int, default=64, help="greedy-agreement tokens after each prefill (0: skip)")
-    p.add_argument("--text", default=ev.DEFAULT_TEXT)
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    p.add_argument("--compiler", default="eager", choices=["inductor", "aot_eager", "eager"],
-                   help="the kvquant backend's compiler for the rest of the graph (the kvquant ops are the same; "
-                        "eager skips Inductor's minutes of CPU codegen per setting)")
+    add_study_options(p, settings=DEFAULT_SETTINGS)
     p.add_argument("--reference", default="kivi-4,kivi-2,nqkv-4,nqkv-3",
                    help="kvquant settings also run through FakeQuantCache (eager reference): comma-separated, "
                         "'all' or 'none'")
@@ -130,11 +119,9 @@ def main() -> None:
         if args.plot:
             plot(results, args.plot)
         return
-    from kvcompile.cli import _quiet
-
     _quiet()
     torch.manual_seed(0)
-    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    names = split_names(args.settings)
     results = {"machine": ev.machine(), "dtype": args.dtype, "windows": args.windows, "prefill": args.prefill,
                "decode": args.decode, "agree": args.agree, "text": os.path.basename(args.text),
                "compiler": args.compiler, "torch": torch.__version__,
@@ -144,11 +131,11 @@ def main() -> None:
             previous = json.load(f)
         results["models"] = previous["models"]
         results["command"] = previous["command"] + " && " + results["command"]
-    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for model_name in split_names(args.models):
         start = time.perf_counter()
         print(f"loading {model_name} ({args.dtype}) ...", flush=True)
-        model, tok = ev.load_model(model_name, DTYPES[args.dtype])
-        reference = {"all": True, "none": False}.get(args.reference, args.reference.split(","))
+        model, tok = ev.load_model(model_name, getattr(torch, args.dtype))
+        reference = {"all": True, "none": False}.get(args.reference, split_names(args.reference))
         rows = ev.study(model, tok, names, args.windows, args.prefill, args.decode, args.agree, args.batch,
                         args.text, reference, args.compiler)
         print(f"\n{model_name}: decode perplexity, {args.windows} windows of {args.prefill} + {args.decode} "

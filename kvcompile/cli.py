@@ -37,7 +37,7 @@ def _quiet() -> None:
 def _settings(names: str) -> List[str]:
     from .evaluate import SETTINGS
 
-    out = [n.strip() for n in names.split(",") if n.strip()]
+    out = split_names(names)
     bad = [n for n in out if n not in SETTINGS]
     if bad:
         raise SystemExit(f"unknown setting(s) {', '.join(bad)}; valid: {', '.join(SETTINGS)}")
@@ -71,17 +71,38 @@ def demo(args: argparse.Namespace) -> None:
                       f, indent=2)
 
 
+def add_study_options(p: argparse.ArgumentParser, settings: str) -> None:
+    """The options `kvquant eval` and benchmarks/accuracy.py share: evaluate.study's arguments."""
+    from .evaluate import BASELINES, DEFAULT_TEXT, SETTINGS
+
+    p.add_argument("--settings", default=settings,
+                   help=f"comma-separated (fp always runs), from: {', '.join([*SETTINGS, *BASELINES])}")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="windows per forward")
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=512)
+    p.add_argument("--agree", type=int, default=64, help="greedy-agreement tokens after each prefill (0: skip)")
+    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="the model's dtype, hence the cache's and its scales'")
+    p.add_argument("--compiler", default="eager", choices=["inductor", "aot_eager", "eager"],
+                   help="the kvquant backend's compiler for the rest of the graph (the kvquant ops are the same; "
+                        "eager skips Inductor's minutes of CPU codegen per setting)")
+
+
+def split_names(text: str) -> List[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def evaluate(args: argparse.Namespace) -> None:
     import torch
 
     from . import evaluate as ev
 
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     print(f"loading {args.model} ({args.dtype}) on {ev.machine()} ...", flush=True)
-    model, tok = ev.load_model(args.model, dtype)
-    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    model, tok = ev.load_model(args.model, getattr(torch, args.dtype))
     try:
-        rows = ev.study(model, tok, names, args.windows, args.prefill, args.decode, args.agree, args.batch,
+        rows = ev.study(model, tok, split_names(args.settings), args.windows, args.prefill, args.decode, args.agree, args.batch,
                         args.text, args.reference, args.compiler)
     except ValueError as e:
         raise SystemExit(str(e))
@@ -99,7 +120,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from .evaluate import BASELINES, DEFAULT_TEXT, MODELS, SETTINGS
+    from .evaluate import MODELS, SETTINGS
 
     names = ", ".join(SETTINGS)
 
@@ -114,17 +135,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     e = sub.add_parser("eval", help="decode perplexity, greedy agreement and bits per element on a real model "
                                     "(benchmarks/accuracy.py runs the full study)")
     e.add_argument("--model", default="smollm2", choices=list(MODELS))
-    e.add_argument("--settings", default="kivi-4,kivi-2,nqkv-4,nqkv-3",
-                   help=f"comma-separated (fp always runs), from: {names}, {', '.join(BASELINES)}")
-    e.add_argument("--windows", type=int, default=16)
-    e.add_argument("--batch", type=int, default=16, help="windows per forward")
-    e.add_argument("--prefill", type=int, default=512)
-    e.add_argument("--decode", type=int, default=512)
-    e.add_argument("--agree", type=int, default=64, help="greedy-agreement tokens after each prefill (0: skip)")
-    e.add_argument("--text", default=DEFAULT_TEXT)
-    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    e.add_argument("--compiler", default="eager", choices=["inductor", "aot_eager", "eager"],
-                   help="the kvquant backend's compiler for the rest of the graph (inductor: minutes of CPU codegen per setting)")
+    add_study_options(e, settings="kivi-4,kivi-2,nqkv-4,nqkv-3")
     e.add_argument("--reference", action="store_true",
                    help="also run each kvquant setting through FakeQuantCache (eager) and show the gap")
     e.add_argument("--json", help="also write the results here")

@@ -61,10 +61,13 @@ BASELINES: Dict[str, Tuple[str, int]] = {
 }
 
 
-def bits_per_element(cache) -> float:
+def bits_per_element(cache, model_config=None, batch: Optional[int] = None) -> float:
     """Stored bits per cached element: the bytes the cache holds (cache_nbytes: codes, scales, minimums,
     spare rows and full-precision residual) * 8 over the number of logical key and value elements.
-    A full-precision float32 cache gives 32."""
+    A full-precision float32 cache gives 32. A transformers QuantizedCache (its layers hold quanto /
+    HQQ objects) also needs the model's config and the batch size to count its elements."""
+    if any(hasattr(layer, "_quantized_keys") for layer in getattr(cache, "layers", ())):
+        return _quantized_cache_bits(cache, model_config, batch)
     elements = sum(t.numel() for t in cache_tensors(cache))
     if elements == 0:
         raise ValueError("bits_per_element: the cache holds no elements")
@@ -213,23 +216,14 @@ def held_nbytes(obj) -> int:
     return 0
 
 
-def stored_bits(cache, model_config, batch: int) -> float:
-    """Bits per cached key/value element, measured from what the cache holds (codes, scales, minimums,
-    spare rows, full-precision residual) over the elements a full-precision cache of the same layers
-    would hold. Handles DynamicCache (kvquant states inside) and transformers' QuantizedCache (whose
-    element count is `batch` x KV heads x tokens seen x head_dim per layer)."""
-    total_bytes, elements = 0, 0
+def _quantized_cache_bits(cache, model_config, batch: int) -> float:
+    """bits_per_element of a QuantizedCache: its packed states and full-precision residual, over
+    batch x KV heads x tokens seen x head_dim x 2 per layer."""
     cfg = model_config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    for layer in cache.layers:
-        if hasattr(layer, "_quantized_keys"):  # QuantizedCache: packed states + fp residual
-            held = [layer._quantized_keys, layer._quantized_values, layer.keys, layer.values]
-            elements += 2 * batch * cfg.num_key_value_heads * layer.cumulative_length * head_dim
-        else:
-            held = [layer.keys, layer.values]
-            elements += sum(t.numel() for t in held)
-        total_bytes += held_nbytes(held)
-    return total_bytes * 8 / elements
+    held = [(layer._quantized_keys, layer._quantized_values, layer.keys, layer.values) for layer in cache.layers]
+    elements = sum(2 * batch * cfg.num_key_value_heads * layer.cumulative_length * head_dim for layer in cache.layers)
+    return held_nbytes(held) * 8 / elements
 
 
 @dataclass
@@ -290,7 +284,7 @@ def score(fn, make_cache, ids: torch.Tensor, prefill: int, greedy: Optional[torc
         if t + 1 < ids.shape[1]:
             logits = forward(ids[:, t:t + 1], cache)
         step(1)
-    bits = stored_bits(cache, fn.config if hasattr(fn, "config") else fn._orig_mod.config, ids.shape[0])
+    bits = bits_per_element(cache, fn.config, ids.shape[0])  # fn: the model, or its compiled wrapper
     del cache
     preds = []
     if agree:
@@ -318,6 +312,8 @@ def study(model, tok, names: List[str], windows: int, prefill: int = 512, decode
     time; with `reference` (True, or the names to check), each kvquant setting also through
     FakeQuantCache (eager). Per setting, the windows' NLL and agreement are pooled."""
     known = {**SETTINGS, **(settings or {})}
+    from torch._dynamo.utils import counters
+
     bad = [n for n in names if n not in known and n not in BASELINES]
     if bad:
         raise ValueError(f"unknown setting(s) {', '.join(bad)}; valid: {', '.join([*known, *BASELINES])}")
@@ -346,8 +342,6 @@ def study(model, tok, names: List[str], windows: int, prefill: int = 512, decode
             bar.set_description(f"{name} ({kind})")
         start = time.perf_counter()
         nll, bits, agreement = 0.0, [], []
-        from torch._dynamo.utils import counters
-
         graphs_before = int(counters["stats"]["unique_graphs"])
         try:
             fn, make_cache, options = _runner(model, kind, name, known.get(name), compiler)
