@@ -24,7 +24,8 @@ def _is_int(value: Any) -> bool:
 class Config:
     """What the user asked for. `bits` and `residual_length` default per method (None): bits 2 for
     kivi, 4 for nqkv, 8 for int8 and fp8; residual_length 128 for kivi, 0 for the others.
-    `k_bits`/`v_bits` default to `bits`. `group_size` is kivi's, `block_size` nqkv's."""
+    `k_bits`/`v_bits` default to `bits`. `group_size` is kivi's; `block_size` and `hadamard` (quantize
+    each block in its Hadamard basis, methods/nqkv.py) nqkv's."""
 
     method: str = "kivi"
     bits: Optional[int] = None
@@ -33,6 +34,7 @@ class Config:
     group_size: int = 32
     residual_length: Optional[int] = None
     block_size: int = 64
+    hadamard: bool = False
     compiler: str = "inductor"
 
     def __post_init__(self) -> None:
@@ -44,6 +46,10 @@ class Config:
             object.__setattr__(self, "bits", DEFAULT_BITS[self.method])
         if self.residual_length is None:
             object.__setattr__(self, "residual_length", DEFAULT_RESIDUAL.get(self.method, 0))
+        if not isinstance(self.hadamard, bool):
+            raise ValueError(f"hadamard must be True or False; got {self.hadamard!r}")
+        if self.hadamard and self.method != "nqkv":
+            raise ValueError(f"hadamard=True applies to method 'nqkv' only; got method {self.method!r}")
         if self.method == "none":
             return  # bits, group and residual are not used
         valid = BITS[self.method]

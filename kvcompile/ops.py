@@ -16,19 +16,25 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from .kernels import reference as ref
-from .methods import FORMATS, KIVI
+from .methods import FP8, INT8, KIVI, NF
 
 KERNELS = ("auto", "triton", "torch")
 
 
-def use_triton(t: Tensor, *formats: int) -> bool:
+# Storage formats with Triton kernels: attention / qk / pv read KIVI, NF, INT8 and FP8 codes; the
+# quantize kernel writes KIVI codes. NFH (nqkv with hadamard=True) and the other writes use the reference.
+READ_FORMATS = (KIVI, NF, INT8, FP8)
+WRITE_FORMATS = (KIVI,)
+
+
+def use_triton(t: Tensor, *formats: int, supported: Tuple[int, ...] = READ_FORMATS) -> bool:
     """Triton kernels on CUDA, the torch reference elsewhere. KVCOMPILE_KERNELS=triton forces the
     kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference.
-    The kernels know the KIVI storage format only: any other of `formats` takes the reference."""
+    A format among `formats` that is not `supported` by the kernels takes the reference."""
     mode = os.environ.get("KVCOMPILE_KERNELS", "auto")
     if mode not in KERNELS:
         raise ValueError(f"KVCOMPILE_KERNELS must be one of {', '.join(KERNELS)}; got {mode!r}")
-    if any(f != KIVI for f in formats):
+    if any(f not in supported for f in formats):
         return False
     return mode == "triton" or (mode == "auto" and t.is_cuda)
 
@@ -37,15 +43,11 @@ def _count(name: str) -> None:
     counters["kvquant"][name] += 1
 
 # `meta` below: (bits, group, axis, nq, fmt) of a cache tensor, nq = tokens held by the packed storage,
-# fmt its storage format (methods.FORMATS); a 4-element meta means KIVI. The kernels take meta[:4].
+# fmt its storage format (methods.FORMATS); a 4-element meta means KIVI.
 
 
 def _fmt(meta: List[int]) -> int:
     return int(meta[4]) if len(meta) > 4 else KIVI
-
-
-def _kernel_meta(meta: List[int]) -> List[int]:
-    return list(meta[:4])
 
 
 def _mn_width(D: int, group: int, axis: int, fmt: int) -> int:
@@ -81,15 +83,14 @@ def _scale_rows(n, group: int, axis: int):
 
 @torch.library.custom_op("kvquant::compact_", mutates_args=("codes", "scale", "mn"))
 def compact_(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, nq: int, method: str, bits: int, group: int,
-             axis: int, residual: int) -> Tensor:
+             axis: int, residual: int, fmt: int) -> Tensor:
     """Quantize the oldest residual tokens that the method no longer keeps in full precision and write
-    them into the packed storage in place, after its `nq` tokens (the caller makes sure it has room).
-    Takes padded tensors; returns the new padded residual."""
+    them into the packed storage in place, after its `nq` tokens (the caller makes sure it has room),
+    in storage format `fmt`. Takes padded tensors; returns the new padded residual."""
     n = _n_quantize(method, bits, group, axis, residual, res.shape[2] - ref.PAD)
     r = ref.unpad(res)
     o, os_ = ref.PAD + nq, ref.PAD + _scale_rows(nq, group, axis)
-    fmt = FORMATS[method]
-    if n > 0 and use_triton(res, fmt):
+    if n > 0 and use_triton(res, fmt, supported=WRITE_FORMATS):
         from .kernels import triton_quantize
 
         _count("triton_quantize_calls")
@@ -103,7 +104,7 @@ def compact_(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, nq: int, met
 
 
 @compact_.register_fake
-def _compact_fake(codes, scale, mn, res, nq, method, bits, group, axis, residual):
+def _compact_fake(codes, scale, mn, res, nq, method, bits, group, axis, residual, fmt):
     B, H, Nr, D = res.shape
     n = _n_quantize(method, bits, group, axis, residual, Nr - ref.PAD)
     return res.new_empty((B, H, Nr - n, D))
@@ -175,7 +176,7 @@ def attention(
 
         _count("triton_attention_calls")
         return triton_attention.attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res,
-                                          _kernel_meta(k_meta), _kernel_meta(v_meta), attn_mask=attn_mask,
+                                          list(k_meta), list(v_meta), attn_mask=attn_mask,
                                           is_causal=is_causal, scale=scale)
     return ref.attention(
         q, (k_codes, k_scale, k_mn, k_res), (v_codes, v_scale, v_mn, v_res), tuple(k_meta), tuple(v_meta),
@@ -197,7 +198,7 @@ def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
         from .kernels import triton_attention
 
         _count("triton_qk_calls")
-        return triton_attention.qk(q, k_codes, k_scale, k_mn, k_res, _kernel_meta(k_meta))
+        return triton_attention.qk(q, k_codes, k_scale, k_mn, k_res, list(k_meta))
     return ref.qk(q, (k_codes, k_scale, k_mn, k_res), tuple(k_meta))
 
 
@@ -214,7 +215,7 @@ def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
         from .kernels import triton_attention
 
         _count("triton_pv_calls")
-        return triton_attention.pv(p, v_codes, v_scale, v_mn, v_res, _kernel_meta(v_meta))
+        return triton_attention.pv(p, v_codes, v_scale, v_mn, v_res, list(v_meta))
     return ref.pv(p, (v_codes, v_scale, v_mn, v_res), tuple(v_meta))
 
 

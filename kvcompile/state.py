@@ -189,7 +189,8 @@ def kv_compact(s: KVState) -> KVState:
     codes, scale, mn = s.codes, s.scale, s.mn
     if need > codes.shape[2] - ref.PAD:
         codes, scale, mn = ops.grow(codes, scale, mn, nq, lay.capacity(need), lay.group, lay.axis)
-    res = ops.compact_(codes, scale, mn, s.res, nq, lay.method, lay.bits, lay.group, lay.axis, lay.residual)
+    res = ops.compact_(codes, scale, mn, s.res, nq, lay.method, lay.bits, lay.group, lay.axis, lay.residual,
+                      lay.fmt)
     return KVState(codes, scale, mn, res, lay, outer_size=s.shape)
 
 

@@ -20,6 +20,8 @@ from models import tiny
     (dict(method="nqkv", block_size="64"), ["block_size", "'64'"]),
     (dict(method="nqkv", residual_length=-1), ["residual_length", "-1", ">= 0", "'nqkv'"]),
     (dict(method="int8", residual_length=2.5), ["residual_length", "2.5"]),
+    (dict(method="kivi", hadamard=True), ["hadamard", "'nqkv'", "'kivi'"]),
+    (dict(method="nqkv", hadamard="yes"), ["hadamard", "'yes'", "True or False"]),
     (dict(bits=3), ["bits", "3", "2, 4"]),
     (dict(k_bits=8), ["k_bits", "8", "2, 4"]),
     (dict(v_bits=1), ["v_bits", "1", "2, 4"]),

@@ -458,3 +458,82 @@ def test_qk_pv_match_float64(case):
     o = ta.pv(p, *vs, vm4, num_splits=case["num_splits"], block_n=case["block_n"])
     V64 = ref._repeat_heads(ref.full_padded(v[0], v[1].double(), v[2].double(), v[3].double(), *case["v_meta"]), hq)
     assert_error_within(o, ref.pv(p, v, case["v_meta"]), p.double() @ V64, f"pv {case}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the symmetric formats (nqkv's NF, int8, fp8): codes read by the same kernels
+# ----------------------------------------------------------------------------------------------
+
+from kvcompile.methods import FP8, INT8, KIVI, NF  # noqa: E402
+
+# (fmt, bits, group) with head_dim 16 or 64; group = channels per scale (head_dim for int8 / fp8)
+SYMMETRIC = [(NF, 4, 16), (NF, 3, 8), (NF, 2, 64), (INT8, 8, None), (FP8, 8, None)]
+
+
+def packed_symmetric(B, H, nq, nr, D, fmt, bits, group, dtype, gen):
+    """Padded (codes, scale, mn, res) of nq tokens in a symmetric format + nr residual tokens, and the
+    5-field meta (bits, group, 3, nq, fmt). Token magnitudes spread over 3 decades; one zero token."""
+    group = D if group is None else min(group, D)
+    x = (torch.randn(B, H, nq, D, generator=gen) * 10 ** torch.empty(B, H, nq, 1).uniform_(-2, 1, generator=gen))
+    if nq:
+        x[0, 0, 0] = 0
+    codes, scale, mn = ref.quantize(x.to(dtype), bits, group, ref.CHANNEL_AXIS, fmt)
+    res = torch.randn(B, H, nr, D, generator=gen).to(dtype)
+    return tuple(ref.pad(t) for t in (codes, scale, mn, res)), (bits, group, ref.CHANNEL_AXIS, nq, fmt)
+
+
+@pytest.mark.parametrize("fmt, bits, group", SYMMETRIC)
+def test_symmetric_dequantization_is_exact(fmt, bits, group):
+    """q one-hot rows (float32, IEEE products): qk returns the dequantized keys themselves, so the
+    kernel's unpacking (3-bit words too) and level / int8 / e4m3 decoding must equal the reference's."""
+    gen = torch.Generator().manual_seed(bits + 10 * fmt)
+    D = 64 if group == 64 else 16
+    k, meta = packed_symmetric(2, 2, 37, 3, D, fmt, bits, group, torch.float32, gen)
+    q = torch.eye(D).expand(2, 2, D, D).contiguous()  # L = D queries, query i picks channel i
+    got = ta.qk(q, *k, meta, block_n=16)
+    want = ref.full_padded(*k, *meta).transpose(2, 3)
+    assert_exact(got, want, f"qk one-hot fmt={fmt} bits={bits}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt, bits, group", SYMMETRIC)
+def test_symmetric_attention_qk_pv_match_float64(fmt, bits, group, dtype):
+    gen = torch.Generator().manual_seed(bits + fmt)
+    B, Hkv, gq, L, D = 2, 2, 3, 1, 64
+    k, km = packed_symmetric(B, Hkv, 40, 9, D, fmt, bits, group, dtype, gen)
+    v, vm = packed_symmetric(B, Hkv, 45, 4, D, fmt, bits, group, dtype, gen)
+    q = torch.randn(B, Hkv * gq, L, D, generator=gen).to(dtype)
+    mask = padding_mask(B, Hkv * gq, L, 49, "bool", dtype, gen)
+    out = ta.attention_with_config(q, *k, *v, km, vm, attn_mask=mask, num_splits=2, block_n=16)
+    name = f"attention fmt={fmt} bits={bits} {dtype}"
+    assert_error_within(out, ref.attention(q, k, v, km, vm, attn_mask=mask),
+                        oracle_attention(q, k, v, km, vm, attn_mask=mask), name)
+    hq = Hkv * gq
+    K64 = ref._repeat_heads(ref.full_padded(k[0], k[1].double(), k[2], k[3].double(), *km), hq)
+    assert_error_within(ta.qk(q, *k, km), ref.qk(q, k, km), q.double() @ K64.transpose(2, 3), f"qk {name}")
+    p = torch.softmax(torch.randn(B, hq, L, 49, generator=gen), dim=-1).to(dtype)
+    V64 = ref._repeat_heads(ref.full_padded(v[0], v[1].double(), v[2], v[3].double(), *vm), hq)
+    assert_error_within(ta.pv(p, *v, vm, num_splits=2), ref.pv(p, v, vm), p.double() @ V64, f"pv {name}")
+
+
+def test_mixed_formats_in_one_attention():
+    """kivi keys with nf values (one call reads two formats), GQA 8, causal over a short prefill."""
+    gen = torch.Generator().manual_seed(5)
+    k = packed(1, 1, 32, 5, 16, KIVI_K, torch.float16, gen)
+    v, vm = packed_symmetric(1, 1, 30, 7, 16, NF, 4, 8, torch.float16, gen)
+    q = torch.randn(1, 8, 4, 16, generator=gen).to(torch.float16)
+    out = ta.attention_with_config(q, *k, *v, KIVI_K, vm, is_causal=True, block_n=16)
+    assert_error_within(out, ref.attention(q, k, v, KIVI_K, vm, is_causal=True),
+                        oracle_attention(q, k, v, KIVI_K, vm, is_causal=True), "kivi keys, nf values")
+
+
+def test_symmetric_formats_reject_bad_meta():
+    gen = torch.Generator().manual_seed(6)
+    k, km = packed_symmetric(1, 1, 8, 2, 16, NF, 4, 16, torch.float32, gen)
+    q = torch.randn(1, 1, 1, 16, generator=gen)
+    with pytest.raises(ValueError, match="format 4 has no Triton kernel"):
+        ta.qk(q, *k, (*km[:4], 4))
+    with pytest.raises(ValueError, match="bits must be 8 or 16 for format 2"):
+        ta.qk(q, *k, (4, 16, ref.CHANNEL_AXIS, 8, INT8))
+    with pytest.raises(ValueError, match="inconsistent packed cache"):
+        ta.qk(q, *k, (2, 16, ref.CHANNEL_AXIS, 8, NF))  # 2-bit meta on 4-bit codes

@@ -19,7 +19,7 @@ from kvcompile import Config, KVState
 from kvcompile.evaluate import bits_per_element
 from kvcompile.fakequant import FakeQuantCache
 from kvcompile.kernels import reference as ref
-from kvcompile.methods import CHANNEL_AXIS, FORMATS, layouts, nqkv
+from kvcompile.methods import CHANNEL_AXIS, FORMATS, NFH, layouts, nqkv
 from kvcompile.state import kv_append, kv_compact, kv_store
 from models import VOCAB, decode, tiny
 from strategies import NQKV_BITS, nqkv_blocks, token_rows
@@ -191,6 +191,60 @@ def test_fp8_quantizer_bit_exact(shape, dtype, seed):
     _check(x, "fp8", 8, shape[-1], stored, scale, deq)
 
 
+def sylvester(n: int) -> torch.Tensor:
+    """The n x n Sylvester Hadamard matrix divided by sqrt(n), by Kronecker products in float64."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+    return h / n ** 0.5
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 64, 256])
+def test_fwht_is_the_orthonormal_hadamard_matrix(n):
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n))
+    want = (x.double() @ sylvester(n)).float()
+    torch.testing.assert_close(nqkv.fwht(x), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nqkv.fwht(nqkv.fwht(x)), x, atol=1e-5, rtol=1e-5)  # its own inverse
+    # elementwise butterflies: a row's transform does not depend on the rows beside it
+    assert torch.equal(nqkv.fwht(x)[1:2, 2:3], nqkv.fwht(x[1:2, 2:3]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(NQKV_BITS, DTYPES, SEEDS, st.sampled_from([(4, 8), (8, 8), (16, 64), (64, 64), (32, 128)]))
+def test_nqkv_hadamard_is_nf_of_the_transformed_blocks(bits, dtype, seed, block_dim):
+    """NFH = the plain NF quantizer applied to each block's transform, dequantized and transformed back."""
+    block, D = block_dim
+    x = _data((2, 1, 3, D), dtype, seed, block)
+    codes, scale, mn = ref.quantize(x, bits, block, CHANNEL_AXIS, NFH)
+    y = nqkv.fwht(x.float().reshape(2, 1, 3, D // block, block)).reshape(2, 1, 3, D)
+    lv = nqkv.levels(bits)
+    _, want_scale, want_codes, _ = plain_nqkv(y, bits, block)  # scale in float32 here
+    assert torch.equal(scale, want_scale.to(dtype))
+    # codes from the stored (cache-dtype) scale, as the quantizer computes them
+    s = scale.float().repeat_interleave(block, dim=-1)
+    u = torch.where(s > 0, y / s, 0.0)
+    assert torch.equal(ref.unpack(codes, bits).long(), torch.bucketize(u, nqkv.midpoints(bits)))
+    deq = ref.dequantize(codes, scale, mn, bits, block, CHANNEL_AXIS, D, NFH)
+    blocks = (lv[ref.unpack(codes, bits).long()] * s).reshape(2, 1, 3, D // block, block)
+    assert torch.equal(deq, nqkv.fwht(blocks).reshape(2, 1, 3, D).to(dtype))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_hadamard_spreads_an_outlier_channel(bits):
+    """Keys with two channels 8x the rest (as in real models): NF's block absmax is set by them and the
+    other channels lose resolution. In the Hadamard basis the relative error is much smaller, and about
+    what it is without outliers (the transform makes a block look like a normal sample)."""
+    def rel_err(x, fmt):
+        deq = ref.dequantize(*ref.quantize(x, bits, 64, CHANNEL_AXIS, fmt), bits, 64, CHANNEL_AXIS, 64, fmt)
+        return ((deq - x).norm() / x.norm()).item()
+
+    x = torch.randn(1, 2, 256, 64, generator=torch.Generator().manual_seed(bits))
+    plain = rel_err(x, NFH)
+    x[..., [3, 40]] *= 8
+    nf, nfh = rel_err(x, FORMATS["nqkv"]), rel_err(x, NFH)
+    assert nfh < 0.65 * nf and abs(nfh / plain - 1) < 0.1, (nf, nfh, plain)
+
+
 @pytest.mark.parametrize("method, bits, shape, block, dtype", [  # regression grid beside the strategies
     ("nqkv", 2, (1, 1, 1, 4), 4, torch.float32),
     ("nqkv", 3, (2, 3, 5, 24), 4, torch.float16),
@@ -251,6 +305,8 @@ CASES = {  # tiny models have head_dim 8
     "nqkv-2": dict(method="nqkv", bits=2),  # block_size 64 -> min(64, head_dim) = 8
     "nqkv-4/2": dict(method="nqkv", bits=4, v_bits=2, block_size=4),
     "nqkv-4-residual": dict(method="nqkv", bits=4, block_size=4, residual_length=5),
+    "nqkv-4-hadamard": dict(method="nqkv", bits=4, block_size=4, hadamard=True),
+    "nqkv-3-hadamard-residual": dict(method="nqkv", bits=3, hadamard=True, residual_length=5),
     "int8": dict(method="int8"),
     "fp8": dict(method="fp8"),
 }
@@ -296,6 +352,18 @@ def test_method_follows_reference(name):
 def test_method_other_archs(arch, attn, name):
     err_ref, err_fp, _ = _vs_reference(tiny(arch, attn), _ids(1, 15), dict(CASES[name], compiler="eager"), 3)
     assert err_ref == 0.0 and err_fp > 0.0, (err_ref, err_fp)
+
+
+@pytest.mark.parametrize("name", ["nqkv-3", "int8", "fp8", "nqkv-4-hadamard"])
+def test_triton_read_kernels_end_to_end(name, monkeypatch):
+    """KVCOMPILE_KERNELS=triton (interpreted here): attention reads nqkv / int8 / fp8 codes with the
+    Triton kernel (writes stay on the reference); nqkv's Hadamard format takes the reference."""
+    monkeypatch.setenv("KVCOMPILE_KERNELS", "triton")
+    err_ref, err_fp, _ = _vs_reference(tiny("llama"), _ids(2, 14), dict(CASES[name], compiler="eager"), 3)
+    c = counters["kvquant"]
+    assert c["triton_quantize_calls"] == 0
+    assert (c["triton_attention_calls"] == 0) if "hadamard" in name else (c["triton_attention_calls"] > 0)
+    assert err_ref < 1e-4 and err_ref < 1e-2 * err_fp, (err_ref, err_fp)
 
 
 def test_nqkv_inductor():
@@ -388,3 +456,11 @@ def test_bad_block_through_torch_compile_is_a_value_error():
     f = torch.compile(tiny("llama"), backend="kvquant", options=dict(method="nqkv", block_size=3, compiler="eager"))
     with pytest.raises(ValueError, match="block_size 3 does not fit head_dim 8"):
         f(torch.zeros(1, 3, dtype=torch.long), use_cache=True)
+
+
+def test_hadamard_block_that_is_not_a_power_of_2_is_named():
+    with pytest.raises(ValueError, match=r"hadamard=True needs blocks of a power-of-2 size: min\(block_size 64, "
+                                         r"head_dim 48\) = 48 is not \(valid block sizes here: 2, 4, 8, 16\)"):
+        layouts(Config(method="nqkv", hadamard=True), 48)
+    k, v = layouts(Config(method="nqkv", hadamard=True, block_size=16), 80)
+    assert k.fmt == v.fmt == NFH and k.group == 16

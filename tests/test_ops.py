@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kvcompile import ops
 from kvcompile.kernels import reference as ref
-from kvcompile.methods import CHANNEL_AXIS, FORMATS, KIVI, TOKEN_AXIS
+from kvcompile.methods import CHANNEL_AXIS, FORMATS, KIVI, NFH, TOKEN_AXIS
 
 
 def _packed(B, H, Nq, Nr, D, bits, group, axis, dtype=torch.float32, seed=0, fmt=KIVI):
@@ -56,7 +56,7 @@ def test_compact_writes_in_place(axis, Nr, expect_n):
     # storage with room for 16 more tokens, holding the 8 quantized ones
     c, s, m = ops.grow(c, s, m, 8, 24, 4, axis)
     torch.library.opcheck(ops.grow, (c, s, m, 8, 32, 4, axis))
-    args = (c, s, m, r, 8, "kivi", 2, 4, axis, 8)
+    args = (c, s, m, r, 8, "kivi", 2, 4, axis, 8, KIVI)
     torch.library.opcheck(ops.compact_, tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in args))
     before = [t.clone() for t in (c, s, m)]
     ptrs = [t.data_ptr() for t in (c, s, m)]
@@ -123,7 +123,7 @@ def test_symmetric_format_quantize_and_compact(method, bits, group):
     # residual 2: 3 of the 5 residual tokens leave it, written after the 4 already held
     (c, s, m, r), full = _packed(2, 2, 4, 5, 8, bits, group, CHANNEL_AXIS, fmt=fmt)
     c, s, m = ops.grow(c, s, m, 4, 16, group, CHANNEL_AXIS)
-    args = (c, s, m, r, 4, method, bits, group, CHANNEL_AXIS, 2)
+    args = (c, s, m, r, 4, method, bits, group, CHANNEL_AXIS, 2, fmt)
     torch.library.opcheck(ops.compact_, tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in args))
     r2 = ops.compact_(*args)
     assert r2.shape[2] - ref.PAD == 2
@@ -135,9 +135,15 @@ def test_symmetric_format_quantize_and_compact(method, bits, group):
     torch.testing.assert_close(deq[:, :, 7:], ref.unpad(r)[:, :, 3:], atol=0, rtol=0)
 
 
-def test_triton_is_never_picked_for_other_formats(monkeypatch):
+def test_which_formats_take_the_triton_kernels(monkeypatch):
+    """The read kernels (attention, qk, pv) know KIVI, NF, INT8 and FP8 codes; NFH (nqkv's Hadamard
+    blocks) and every write but KIVI's take the reference."""
     monkeypatch.setenv("KVCOMPILE_KERNELS", "triton")
     t = torch.zeros(1)
     assert ops.use_triton(t) and ops.use_triton(t, KIVI, KIVI)
     for method in ("nqkv", "int8", "fp8"):
-        assert not ops.use_triton(t, FORMATS[method]) and not ops.use_triton(t, KIVI, FORMATS[method])
+        assert ops.use_triton(t, FORMATS[method]) and ops.use_triton(t, KIVI, FORMATS[method])
+        assert not ops.use_triton(t, FORMATS[method], supported=ops.WRITE_FORMATS)
+    assert not ops.use_triton(t, NFH) and not ops.use_triton(t, KIVI, NFH)
+    monkeypatch.setenv("KVCOMPILE_KERNELS", "torch")
+    assert not ops.use_triton(t, KIVI)

@@ -24,8 +24,10 @@ Arithmetic is float32; scale and mn are stored in the cache dtype, and codes are
 stored scale, so that dequantization inverts exactly what was stored. A constant group has
 scale 0 and dequantizes to mn exactly. The Triton kernels implement this format only.
 
-NF, INT8, FP8 (methods nqkv, int8, fp8): symmetric, one scale per group and no minimum (mn has
-width 0); the per-group arithmetic is in methods/nqkv.py, int8.py and fp8.py. 8-bit codes take one
+NF, NFH, INT8, FP8 (methods nqkv, nqkv with hadamard=True, int8, fp8): symmetric, one scale per group
+and no minimum (mn has width 0); the per-group arithmetic is in methods/nqkv.py, int8.py and fp8.py
+(NFH: NF in the basis of each block's Hadamard transform, nqkv.fwht before quantizing and after
+dequantizing). 8-bit codes take one
 byte each; 3-bit codes 3 bytes per 8 codes.
 """
 
@@ -36,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..methods import FP8, INT8, KIVI, NF, fp8, int8, nqkv
+from ..methods import FP8, INT8, KIVI, NF, NFH, fp8, int8, nqkv
 
 TOKEN_AXIS = 2
 CHANNEL_AXIS = 3
@@ -102,13 +104,14 @@ def _reduce_dim(axis: int) -> int:
     return 3 if axis == TOKEN_AXIS else 4
 
 
-_SYMMETRIC = {NF: nqkv, INT8: int8, FP8: fp8}
+_SYMMETRIC = {NF: nqkv, NFH: nqkv, INT8: int8, FP8: fp8}
 
 
 def _symmetric(fmt: int):
     """The method module holding the per-group arithmetic of a symmetric format."""
     if fmt not in _SYMMETRIC:
-        raise ValueError(f"unknown storage format {fmt}; valid: {KIVI} (kivi), {NF} (nf), {INT8} (int8), {FP8} (fp8)")
+        raise ValueError(f"unknown storage format {fmt}; valid: {KIVI} (kivi), {NF} (nf), {NFH} (nf of Hadamard "
+                         f"blocks), {INT8} (int8), {FP8} (fp8)")
     return _SYMMETRIC[fmt]
 
 
@@ -118,6 +121,8 @@ def quantize(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tu
     xg = _grouped(x.float(), group, axis)
     rd = _reduce_dim(axis)
     if fmt != KIVI:
+        if fmt == NFH:  # blocks run along the channels (the last dim of xg)
+            xg = nqkv.fwht(xg)
         q, scale = _symmetric(fmt).quantize(xg, bits, x.dtype, rd)
         scale = scale.squeeze(rd)
         codes = pack(q.reshape(B, H, N, D), bits)
@@ -141,6 +146,8 @@ def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group: int, 
     if fmt != KIVI:
         q = _grouped(unpack(codes, bits).reshape(B, H, N, head_dim), group, axis)
         x = _symmetric(fmt).dequantize(q, scale.unsqueeze(rd), bits)
+        if fmt == NFH:
+            x = nqkv.fwht(x)
         return x.reshape(B, H, N, head_dim).to(scale.dtype)
     q = unpack(codes, bits).float().reshape(B, H, N, head_dim)
     qg = _grouped(q, group, axis)

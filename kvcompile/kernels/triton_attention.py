@@ -10,15 +10,18 @@ Layouts (see reference.py; every inner tensor has PAD unused leading rows along 
   k_scale, k_mn     [B, Hkv, PAD + Nq / G, D]  (axis 2)  or  [B, Hkv, PAD + Nq, D / G]  (axis 3)
   k_res             [B, Hkv, PAD + Nr, D]             the newest Nr tokens; T = Nq + Nr
   v_*               the same with Dv, and their own Nq, Nr (K and V flush at different times)
-  meta              (bits, group, axis[, nq]); bits 16: nothing quantized, only res holds tokens;
-                    with nq, codes/scale/mn may have spare rows after their nq tokens
+  meta              (bits, group, axis[, nq[, fmt]]); bits 16: nothing quantized, only res holds
+                    tokens; with nq, codes/scale/mn may have spare rows after their nq tokens; fmt
+                    the storage format (KERNEL_BITS: KIVI 2/4 bits, NF 2/3/4 bits with 3-bit codes 8 in
+                    3 bytes, INT8, FP8; the symmetric ones store an mn of width 0)
 
 How the kernel reads them:
   * one program serves all Hq / Hkv query heads of one KV head: their L query rows are stacked
     into the M dimension of the tile (row r -> head h_kv * Hq/Hkv + r // L, query r % L), padded
     to >= 16 rows for tl.dot, so each K/V tile is read and dequantized once per KV head;
-  * K/V tiles of BLOCK_N tokens are dequantized in registers (code * scale + mn, float32, then
-    rounded to q's dtype as the reference does); tokens < Nq come from the codes, the rest from
+  * K/V tiles of BLOCK_N tokens are dequantized in registers (code * scale + mn, or level[code] *
+    scale, (code - 128) * scale, e4m3(code) * scale, float32, then rounded to q's dtype as the
+    reference does); tokens < Nq come from the codes, the rest from
     the residual; a tile straddling the boundary takes both;
   * online softmax in natural units (tl.exp: an additive mask of -3.4e38 stays finite, so a row
     masked everywhere by a finite minimum averages its values exactly as SDPA does);
@@ -39,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..methods import FP8, INT8, KIVI, NF, codes_per_word, nqkv
 from . import reference as ref
 from .triton_quantize import reduce_max, reduce_sum, round_to_storage
 
@@ -48,6 +52,9 @@ CHANNEL_AXIS = ref.CHANNEL_AXIS
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _MASK_NONE, _MASK_ADD, _MASK_BOOL = 0, 1, 2
+# storage formats the kernels read (methods.FORMATS) -> their bits; NFH (nqkv's Hadamard blocks) is not
+# among them and takes the torch reference
+KERNEL_BITS = {KIVI: (2, 4), NF: (2, 3, 4), INT8: (8,), FP8: (8,)}
 
 
 def _interpreting() -> bool:
@@ -68,13 +75,15 @@ def _interleave(a, b, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def _kv_tile(
-    C, S, MN, R, stride_cn, stride_sn, stride_rn, start_n, nq, t_len,
-    BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr, DIM: tl.constexpr,
+    C, S, MN, R, LV, stride_cn, stride_sn, stride_rn, start_n, nq, t_len,
+    BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr, FMT: tl.constexpr, DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Tokens [start_n, start_n + BLOCK_N) of one (batch, kv head) as a float32 [BLOCK_N, BLOCK_D]
     tile: dequantized codes for tokens < nq, residual rows for nq <= token < t_len, 0 elsewhere.
-    C, S, MN, R point at row PAD of their (batch, head); last strides are 1."""
+    C, S, MN, R point at row PAD of their (batch, head); last strides are 1. FMT: the storage format
+    (KIVI code * scale + mn; NF LV[code] * scale, LV the float32 levels; INT8 (code - 128) * scale;
+    FP8 e4m3fn(code) * scale); the symmetric formats have no MN."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < DIM
@@ -85,30 +94,56 @@ def _kv_tile(
             # load whole bytes (contiguous, vectorized), split each into its PER codes, and
             # interleave them back into channel order
             q_ok = (offs_n < nq)[:, None] & d_ok[None, :]
-            offs_b = tl.arange(0, BLOCK_D // (8 // BITS))
-            b_ok = (offs_n < nq)[:, None] & (offs_b < DIM // (8 // BITS))[None, :]
-            byte = tl.load(C + offs_n[:, None] * stride_cn + offs_b[None, :], mask=b_ok, other=0).to(tl.int32)
-            if BITS == 4:  # 2 codes a byte
-                code = _interleave(byte & 15, (byte >> 4) & 15, BLOCK_N, BLOCK_D // 2)
-            else:  # BITS == 2: 4 codes a byte
-                code = _interleave(_interleave(byte & 3, (byte >> 4) & 3, BLOCK_N, BLOCK_D // 4),
-                                   _interleave((byte >> 2) & 3, (byte >> 6) & 3, BLOCK_N, BLOCK_D // 4),
-                                   BLOCK_N, BLOCK_D // 2)
+            if BITS == 3:
+                # 8 codes in 3 bytes (a little-endian 24-bit word): channel d's 3 bits start at bit
+                # 3 * (d % 8) of word d // 8 and may straddle two bytes
+                bit = 3 * (offs_d % 8)
+                at = 3 * (offs_d // 8) + bit // 8
+                row = C + offs_n[:, None] * stride_cn
+                lo = tl.load(row + at[None, :], mask=q_ok, other=0).to(tl.int32)
+                hi_ok = q_ok & ((at + 1) < 3 * (DIM // 8))[None, :]
+                hi = tl.load(row + (at + 1)[None, :], mask=hi_ok, other=0).to(tl.int32)
+                code = ((lo | (hi << 8)) >> (bit % 8)[None, :]) & 7
+            elif BITS == 8:
+                code = tl.load(C + offs_n[:, None] * stride_cn + offs_d[None, :], mask=q_ok, other=0).to(tl.int32)
+            else:
+                offs_b = tl.arange(0, BLOCK_D // (8 // BITS))
+                b_ok = (offs_n < nq)[:, None] & (offs_b < DIM // (8 // BITS))[None, :]
+                byte = tl.load(C + offs_n[:, None] * stride_cn + offs_b[None, :], mask=b_ok, other=0).to(tl.int32)
+                if BITS == 4:  # 2 codes a byte
+                    code = _interleave(byte & 15, (byte >> 4) & 15, BLOCK_N, BLOCK_D // 2)
+                else:  # BITS == 2: 4 codes a byte
+                    code = _interleave(_interleave(byte & 3, (byte >> 4) & 3, BLOCK_N, BLOCK_D // 4),
+                                       _interleave((byte >> 2) & 3, (byte >> 6) & 3, BLOCK_N, BLOCK_D // 4),
+                                       BLOCK_N, BLOCK_D // 2)
             # -- scale / mn of each element's group --
             if AXIS == 2 and GROUP % BLOCK_N == 0:
                 # the tile lies inside one token group (start_n and Nq are multiples of BLOCK_N
                 # and GROUP): one row of scales, broadcast over the tile's tokens
                 sp = (start_n // GROUP) * stride_sn + offs_d
                 sc = tl.load(S + sp, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-                mn = tl.load(MN + sp, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+                if FMT == 0:
+                    mn = tl.load(MN + sp, mask=d_ok, other=0.0).to(tl.float32)[None, :]
             else:
                 if AXIS == 2:
                     sp = (offs_n // GROUP)[:, None] * stride_sn + offs_d[None, :]
                 else:
                     sp = offs_n[:, None] * stride_sn + (offs_d // GROUP)[None, :]
                 sc = tl.load(S + sp, mask=q_ok, other=0.0).to(tl.float32)
-                mn = tl.load(MN + sp, mask=q_ok, other=0.0).to(tl.float32)
-            x = code.to(tl.float32) * sc + mn
+                if FMT == 0:
+                    mn = tl.load(MN + sp, mask=q_ok, other=0.0).to(tl.float32)
+            if FMT == 0:  # KIVI
+                x = code.to(tl.float32) * sc + mn
+            elif FMT == 1:  # NF: a gather from the 2^BITS levels
+                x = tl.load(LV + code, mask=q_ok, other=0.0) * sc
+            elif FMT == 2:  # INT8, stored code + 128
+                x = (code - 128).to(tl.float32) * sc
+            else:  # FP8 e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; never NaN here
+                e = (code >> 3) & 15
+                m = code & 7
+                normal = ((e + 120) << 23) | (m << 20)  # float32 bits of (1 + m/8) * 2^(e - 7)
+                mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal.to(tl.float32, bitcast=True))
+                x = tl.where((code & 128) != 0, -mag, mag) * sc
     if start_n + BLOCK_N > nq:
         # -- full-precision residual: token n is residual row n - nq --
         r_ok = ((offs_n >= nq) & (offs_n < t_len))[:, None] & d_ok[None, :]
@@ -143,7 +178,7 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, KC, KS, KM, KR, VC, VS, VM, VR, MASK, OUT, PART_M, PART_L, PART_ACC,
+    Q, KC, KS, KM, KR, KLV, VC, VS, VM, VR, VLV, MASK, OUT, PART_M, PART_L, PART_ACC,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kcb, stride_kch, stride_kcn,
     stride_ksb, stride_ksh, stride_ksn,
@@ -154,8 +189,8 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_ml, stride_mn,
     stride_ob, stride_oh, stride_ol,
     HKV, GQ, L, T, NQ_K, NQ_V, TILES_PER_SPLIT, N_SPLITS, qk_scale,
-    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr,
-    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr,
+    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, K_FMT: tl.constexpr,
+    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, V_FMT: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, PAD_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
@@ -210,8 +245,8 @@ def _attn_fwd_kernel(
     acc = tl.full((BLOCK_M, BLOCK_DV), 0.0, tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         # -- dequantize a K tile, compute qk --
-        k = _kv_tile(kc, ks, km, kr, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, T,
-                     K_BITS, K_GROUP, K_AXIS, D, BLOCK_N, BLOCK_D)
+        k = _kv_tile(kc, ks, km, kr, KLV, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, T,
+                     K_BITS, K_GROUP, K_AXIS, K_FMT, D, BLOCK_N, BLOCK_D)
         k = _as_operand(k, COMPUTE, RNE_BF16, UPCAST)
         qk = _mm(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N] logits
 
@@ -236,8 +271,8 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + reduce_sum(p, 1)
 
         # -- dequantize a V tile, acc += p V --
-        v = _kv_tile(vc, vs, vm, vr, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, T,
-                     V_BITS, V_GROUP, V_AXIS, DV, BLOCK_N, BLOCK_DV)
+        v = _kv_tile(vc, vs, vm, vr, VLV, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, T,
+                     V_BITS, V_GROUP, V_AXIS, V_FMT, DV, BLOCK_N, BLOCK_DV)
         v = _as_operand(v, COMPUTE, RNE_BF16, UPCAST)
         acc = acc * alpha[:, None] + _mm(_as_operand(p, COMPUTE, RNE_BF16, UPCAST), v, IEEE)
         m_i = m_new
@@ -310,14 +345,15 @@ def _attn_reduce_kernel(
 
 @triton.jit
 def _qk_kernel(
-    Q, KC, KS, KM, KR, OUT,
+    Q, KC, KS, KM, KR, KLV, OUT,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kcb, stride_kch, stride_kcn,
     stride_ksb, stride_ksh, stride_ksn,
     stride_krb, stride_krh, stride_krn,
     stride_ob, stride_oh, stride_ol,
     HKV, GQ, L, T, NQ_K, N_TILES,
-    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, D: tl.constexpr, PAD_ROWS: tl.constexpr,
+    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, K_FMT: tl.constexpr, D: tl.constexpr,
+    PAD_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE: tl.constexpr, RNE_BF16: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -347,8 +383,8 @@ def _qk_kernel(
     ks = KS + b * stride_ksb + hkv * stride_ksh + PAD_ROWS * stride_ksn
     km = KM + b * stride_ksb + hkv * stride_ksh + PAD_ROWS * stride_ksn
     kr = KR + b * stride_krb + hkv * stride_krh + PAD_ROWS * stride_krn
-    k = _kv_tile(kc, ks, km, kr, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, T,
-                 K_BITS, K_GROUP, K_AXIS, D, BLOCK_N, BLOCK_D)
+    k = _kv_tile(kc, ks, km, kr, KLV, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, T,
+                 K_BITS, K_GROUP, K_AXIS, K_FMT, D, BLOCK_N, BLOCK_D)
     s = _mm(q, tl.trans(_as_operand(k, COMPUTE, RNE_BF16, UPCAST)), IEEE)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -358,14 +394,15 @@ def _qk_kernel(
 
 @triton.jit
 def _pv_kernel(
-    P, VC, VS, VM, VR, OUT, PART_ACC,
+    P, VC, VS, VM, VR, VLV, OUT, PART_ACC,
     stride_pb, stride_ph, stride_pl, stride_pn,
     stride_vcb, stride_vch, stride_vcn,
     stride_vsb, stride_vsh, stride_vsn,
     stride_vrb, stride_vrh, stride_vrn,
     stride_ob, stride_oh, stride_ol,
     HKV, GQ, L, T, NQ_V, TILES_PER_SPLIT, N_SPLITS,
-    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, DV: tl.constexpr, PAD_ROWS: tl.constexpr,
+    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, V_FMT: tl.constexpr, DV: tl.constexpr,
+    PAD_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     COMPUTE: tl.constexpr, RNE_BF16: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -401,8 +438,8 @@ def _pv_kernel(
         p = tl.load(p_row[:, None] + offs_n[None, :] * stride_pn, mask=p_ok, other=0.0)
         if UPCAST:
             p = p.to(tl.float32)
-        v = _kv_tile(vc, vs, vm, vr, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, T,
-                     V_BITS, V_GROUP, V_AXIS, DV, BLOCK_N, BLOCK_DV)
+        v = _kv_tile(vc, vs, vm, vr, VLV, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, T,
+                     V_BITS, V_GROUP, V_AXIS, V_FMT, DV, BLOCK_N, BLOCK_DV)
         acc += _mm(p, _as_operand(v, COMPUTE, RNE_BF16, UPCAST), IEEE)
 
     dv_ok = (offs_dv < DV)[None, :]
@@ -422,38 +459,47 @@ def _pv_kernel(
 class _Packed:
     """One padded cache tensor (codes, scale, mn, res) + meta, validated, with its kernel args.
 
-    meta = (bits, group, axis) or (bits, group, axis, nq). With nq the packed storage may hold spare
-    rows after its nq tokens (preallocated capacity); without it every row is a token."""
+    meta = (bits, group, axis), (bits, group, axis, nq) or (bits, group, axis, nq, fmt). With nq the
+    packed storage may hold spare rows after its nq tokens (preallocated capacity); without it every
+    row is a token. fmt: the storage format (methods.FORMATS; KIVI when absent)."""
 
     def __init__(self, name: str, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, meta: Sequence[int],
                  batch: int, heads: int):
-        if len(meta) not in (3, 4):
-            raise ValueError(f"{name}_meta must be (bits, group, axis) or (bits, group, axis, nq); got {tuple(meta)}")
+        if len(meta) not in (3, 4, 5):
+            raise ValueError(f"{name}_meta must be (bits, group, axis[, nq[, fmt]]); got {tuple(meta)}")
         bits, group, axis = (int(v) for v in meta[:3])
+        fmt = int(meta[4]) if len(meta) == 5 else KIVI
         if res.dim() != 4 or res.shape[0] != batch or res.shape[2] < PAD:
             raise ValueError(f"{name}_res must be [B={batch}, Hkv, PAD + Nr, D] with PAD={PAD}; got {list(res.shape)}")
         self.heads, self.dim = res.shape[1], res.shape[3]
         if self.heads == 0 or heads % self.heads:
             raise ValueError(f"the number of KV heads ({self.heads}) must divide the query heads ({heads})")
         self.res = res if res.stride(3) == 1 else res.contiguous()
-        self.bits, self.group, self.axis = bits, group, axis
+        self.bits, self.group, self.axis, self.fmt = bits, group, axis, fmt
+        self.levels = self.res  # a placeholder pointer unless the format is NF
         if bits >= 16:  # not quantized: only the residual holds tokens; codes/scale/mn are unused
-            self.nq = 0
+            self.nq, self.fmt = 0, KIVI
             self.codes = self.scale = self.mn = self.res
         else:
-            if bits not in (2, 4):
-                raise ValueError(f"{name}_meta bits must be 2, 4 or 16; got {bits}")
-            if axis not in (TOKEN_AXIS, CHANNEL_AXIS):
-                raise ValueError(f"{name}_meta axis must be {TOKEN_AXIS} or {CHANNEL_AXIS}; got {axis}")
-            per = 8 // bits
-            self.nq = int(meta[3]) if len(meta) == 4 else codes.shape[2] - PAD
+            if fmt not in KERNEL_BITS:
+                raise ValueError(f"{name}_meta format {fmt} has no Triton kernel; valid: "
+                                 f"{', '.join(map(str, KERNEL_BITS))} (methods.FORMATS)")
+            if bits not in KERNEL_BITS[fmt]:
+                raise ValueError(f"{name}_meta bits must be {', '.join(map(str, KERNEL_BITS[fmt]))} or 16 for "
+                                 f"format {fmt}; got {bits}")
+            if axis not in (TOKEN_AXIS, CHANNEL_AXIS) or (fmt != KIVI and axis != CHANNEL_AXIS):
+                raise ValueError(f"{name}_meta axis must be {TOKEN_AXIS} or {CHANNEL_AXIS} (the symmetric formats: "
+                                 f"{CHANNEL_AXIS}); got {axis}")
+            per = codes_per_word(bits)
+            self.nq = int(meta[3]) if len(meta) >= 4 else codes.shape[2] - PAD
             D, nq = self.dim, self.nq
             srows, swidth = (nq // group, D) if axis == TOKEN_AXIS else (nq, D // group)
             ok = (
                 nq >= 0 and D % per == 0 and codes.dim() == 4 and codes.dtype == torch.uint8
-                and tuple(codes.shape[:2]) == (batch, self.heads) and codes.shape[3] == D // per
+                and tuple(codes.shape[:2]) == (batch, self.heads) and codes.shape[3] == D * bits // 8
                 and codes.shape[2] >= PAD + nq and scale.dim() == 4 and tuple(scale.shape[:2]) == (batch, self.heads)
-                and scale.shape[3] == swidth and scale.shape[2] >= PAD + srows and scale.shape == mn.shape
+                and scale.shape[3] == swidth and scale.shape[2] >= PAD + srows and mn.dim() == 4
+                and tuple(mn.shape[:3]) == tuple(scale.shape[:3]) and mn.shape[3] == (swidth if fmt == KIVI else 0)
                 and (axis == CHANNEL_AXIS or nq % group == 0) and (axis == TOKEN_AXIS or D % group == 0)
             )
             if not ok:
@@ -461,9 +507,12 @@ class _Packed:
                     f"{name}: inconsistent packed cache for meta {tuple(meta)}: codes {list(codes.shape)} "
                     f"({codes.dtype}), scale {list(scale.shape)}, mn {list(mn.shape)}, res {list(res.shape)}; "
                     f"expected codes [B, Hkv, >= PAD + Nq, D*bits/8] uint8 and scale/mn "
-                    f"[B, Hkv, >= PAD + {'Nq/G, D' if axis == TOKEN_AXIS else 'Nq, D/G'}] (PAD={PAD}, Nq={nq})"
+                    f"[B, Hkv, >= PAD + {'Nq/G, D' if axis == TOKEN_AXIS else 'Nq, D/G'}] (PAD={PAD}, Nq={nq}; "
+                    f"mn of width 0 for the symmetric formats)"
                 )
             self.codes, self.scale, self.mn = (t if t.stride(3) == 1 else t.contiguous() for t in (codes, scale, mn))
+            if fmt == NF:
+                self.levels = nqkv.levels(bits, res.device)
         self.ntok = self.nq + res.shape[2] - PAD
 
     def args(self):
@@ -473,7 +522,7 @@ class _Packed:
                                     r.stride(0), r.stride(1), r.stride(2))
 
     def consts(self):
-        return dict(BITS=self.bits, GROUP=self.group if self.bits < 16 else 1, AXIS=self.axis)
+        return dict(BITS=self.bits, GROUP=self.group if self.bits < 16 else 1, AXIS=self.axis, FMT=self.fmt)
 
 
 def _dtype_flags(dtype: torch.dtype) -> dict:
@@ -641,11 +690,11 @@ def attention_with_config(
     flags = _dtype_flags(q.dtype)
     grid = (B * Hkv, num_splits, n_mblk)
     _attn_fwd_kernel[grid](
-        q, kc, ks, km, kr, vc, vs, vm, vr, mask, out, part_m, part_l, part_acc,
+        q, kc, ks, km, kr, K.levels, vc, vs, vm, vr, V.levels, mask, out, part_m, part_l, part_acc,
         *q.stride(), *kstr, *vstr, *mstr, out.stride(0), out.stride(1), out.stride(2),
         Hkv, gq, L, T, K.nq, V.nq, tiles_per_split, num_splits, sm_scale,
-        K_BITS=kconst["BITS"], K_GROUP=kconst["GROUP"], K_AXIS=kconst["AXIS"],
-        V_BITS=vconst["BITS"], V_GROUP=vconst["GROUP"], V_AXIS=vconst["AXIS"],
+        K_BITS=kconst["BITS"], K_GROUP=kconst["GROUP"], K_AXIS=kconst["AXIS"], K_FMT=kconst["FMT"],
+        V_BITS=vconst["BITS"], V_GROUP=vconst["GROUP"], V_AXIS=vconst["AXIS"], V_FMT=vconst["FMT"],
         D=D, DV=Dv, PAD_ROWS=PAD, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), WRITE_PARTIAL=partial, **flags,
         num_warps=num_warps, num_stages=num_stages,
@@ -681,9 +730,9 @@ def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
     (kc, ks, km, kr), kstr = K.args()
     kconst = K.consts()
     _qk_kernel[(B * Hkv * n_tiles, triton.cdiv(rows, block_m))](
-        q, kc, ks, km, kr, out, *q.stride(), *kstr, out.stride(0), out.stride(1), out.stride(2),
+        q, kc, ks, km, kr, K.levels, out, *q.stride(), *kstr, out.stride(0), out.stride(1), out.stride(2),
         Hkv, gq, L, T, K.nq, n_tiles,
-        K_BITS=kconst["BITS"], K_GROUP=kconst["GROUP"], K_AXIS=kconst["AXIS"], D=D, PAD_ROWS=PAD,
+        K_BITS=kconst["BITS"], K_GROUP=kconst["GROUP"], K_AXIS=kconst["AXIS"], K_FMT=kconst["FMT"], D=D, PAD_ROWS=PAD,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_dtype_flags(q.dtype), num_warps=num_warps,
     )
     return out
@@ -722,9 +771,10 @@ def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
     (vc, vs, vm, vr), vstr = V.args()
     vconst = V.consts()
     _pv_kernel[(B * Hkv, num_splits, n_mblk)](
-        p, vc, vs, vm, vr, out, part, *p.stride(), *vstr, out.stride(0), out.stride(1), out.stride(2),
+        p, vc, vs, vm, vr, V.levels, out, part, *p.stride(), *vstr, out.stride(0), out.stride(1), out.stride(2),
         Hkv, gq, L, T, V.nq, tiles_per_split, num_splits,
-        V_BITS=vconst["BITS"], V_GROUP=vconst["GROUP"], V_AXIS=vconst["AXIS"], DV=Dv, PAD_ROWS=PAD,
+        V_BITS=vconst["BITS"], V_GROUP=vconst["GROUP"], V_AXIS=vconst["AXIS"], V_FMT=vconst["FMT"], DV=Dv,
+        PAD_ROWS=PAD,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, WRITE_PARTIAL=partial, **_dtype_flags(p.dtype),
         num_warps=num_warps,
     )

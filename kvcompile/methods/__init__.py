@@ -26,6 +26,7 @@ KIVI = 0  # asymmetric uniform: code * scale + mn (kernels/reference.py)
 NF = 1  # NormalFloat levels times the block's absmax, no mn (nqkv.py)
 INT8 = 2  # symmetric int8 stored as code + 128, no mn (int8.py)
 FP8 = 3  # float8 e4m3fn bytes times a per-token scale, no mn (fp8.py)
+NFH = 4  # NF of each block's Hadamard transform: dequantized NF values, transformed back (nqkv.py)
 FORMATS = {"none": KIVI, "kivi": KIVI, "nqkv": NF, "int8": INT8, "fp8": FP8}
 
 
@@ -49,6 +50,7 @@ class Layout:
     group: int  # group size along `axis` (the block of nqkv, head_dim for int8/fp8)
     axis: int  # TOKEN_AXIS or CHANNEL_AXIS
     residual: int  # R: full-precision window length
+    hadamard: bool = False  # nqkv: blocks are quantized in the Hadamard basis (storage format NFH)
 
     @property
     def quantized(self) -> bool:
@@ -56,8 +58,8 @@ class Layout:
 
     @property
     def fmt(self) -> int:
-        """The storage format of the codes (KIVI, NF, INT8 or FP8)."""
-        return FORMATS[self.method]
+        """The storage format of the codes (KIVI, NF, NFH, INT8 or FP8)."""
+        return NFH if self.hadamard else FORMATS[self.method]
 
     def n_quantize(self, n_res: SymInt) -> SymInt:
         """How many of the oldest residual tokens to quantize now (after attention has read them)."""

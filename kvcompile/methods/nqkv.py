@@ -23,6 +23,15 @@ Quantization of a block x (float32 arithmetic):
 i.e. the nearest level, a tie going to the lower one (torch.bucketize over the midpoints, exact and
 deterministic). Dequantized: level[code] * scale; an all-zero block dequantizes to exactly 0.
 
+Hadamard option (`hadamard=True`, storage format NFH; off by default): each block x of n channels
+(n a power of 2) is first transformed, y = x @ H_n with H_n the Sylvester Hadamard matrix divided by
+sqrt(n) (orthonormal and symmetric, so H_n @ H_n = I), and y is quantized as above; dequantization
+computes level[code] * scale, then multiplies by H_n again. As in QuaRot (arXiv 2404.00456), the
+transform spreads a few large channels over the whole block, so the block looks like the normal
+sample NF levels are built for. Keys' outlier channels otherwise set every block's absmax (measured
+on SmolLM2: README). `fwht` computes x @ H_n with log2(n) add/subtract butterflies, all elementwise,
+so the result does not depend on how many tokens are transformed together.
+
 Storage: 4- and 2-bit codes are packed 2 and 4 a byte (low bits first); 3-bit codes 8 in 3 bytes
 (one little-endian 24-bit word), so head_dim must be a multiple of 8 for them. One scale per block,
 no minimum: memory per element bits + 16 / block_size with a 16-bit cache.
@@ -31,6 +40,7 @@ no minimum: memory per element bits + 16 / block_size with a 16-bit cache.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Tuple
 
 import torch
@@ -63,6 +73,19 @@ def midpoints(bits: int, device: torch.device | str = "cpu") -> Tensor:
     return (lv[:-1] + lv[1:]) / 2
 
 
+def fwht(x: Tensor) -> Tensor:
+    """x @ H_n over the last dim (n a power of 2), H_n the Sylvester Hadamard matrix / sqrt(n): its
+    own inverse. Butterflies in x's dtype (float32 here), then one multiply by 1/sqrt(n)."""
+    n = x.shape[-1]
+    shape, h = x.shape, 1
+    while h < n:
+        y = x.reshape(*shape[:-1], n // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack([a + b, a - b], dim=-2).reshape(shape)
+        h *= 2
+    return x * (1.0 / math.sqrt(n))
+
+
 def quantize(xg: Tensor, bits: int, dtype: torch.dtype, dim: int) -> Tuple[Tensor, Tensor]:
     """Blocks along `dim` of xg (float32) -> (codes uint8 shaped as xg, scale keepdim in `dtype`)."""
     scale = xg.abs().amax(dim=dim, keepdim=True).to(dtype)
@@ -86,9 +109,15 @@ def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
             f"min(block_size, head_dim) channels of one token, which must divide head_dim (valid block "
             f"sizes here: {', '.join(map(str, divisors))}, or any size >= {head_dim})"
         )
+    if config.hadamard and bs & (bs - 1):
+        powers = [d for d in (2 ** i for i in range(1, 12)) if head_dim % d == 0]
+        raise ValueError(
+            f"hadamard=True needs blocks of a power-of-2 size: min(block_size {config.block_size}, head_dim "
+            f"{head_dim}) = {bs} is not (valid block sizes here: {', '.join(map(str, powers)) or 'none'})"
+        )
     check_packing(head_dim, k_bits=config.key_bits, v_bits=config.value_bits)
-    r = config.residual_length
+    r, h = config.residual_length, config.hadamard
     return (
-        Layout("nqkv", "k", config.key_bits, bs, CHANNEL_AXIS, r),
-        Layout("nqkv", "v", config.value_bits, bs, CHANNEL_AXIS, r),
+        Layout("nqkv", "k", config.key_bits, bs, CHANNEL_AXIS, r, h),
+        Layout("nqkv", "v", config.value_bits, bs, CHANNEL_AXIS, r, h),
     )
