@@ -39,6 +39,7 @@ from kvcompile.cli import _quiet, add_study_options, split_names  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 DEFAULT_SETTINGS = ("kivi-4,kivi-4-g128,kivi-2,kivi-2-g128,kivi-k4v2-r32,nqkv-4,nqkv-4-b16,nqkv-3,nqkv-2,int8,fp8,"
+                    "nqkv-4-r32,nqkv-4-h,nqkv-4-h-r32,nqkv-3-h-r16,nqkv-3-h-r32,nqkv-k4v2-h-r16,"
                     "quanto-4,quanto-2,hqq-4,hqq-2")
 
 
@@ -98,6 +99,20 @@ def write_readme(results: dict, readme: str) -> None:
         f.write(new)
 
 
+def merge(old: dict, new: dict) -> dict:
+    """One model's rows from an earlier run and a new one: the new rows replace those of the same setting
+    and kind, the others are kept (first the old order, then new settings). The fp baseline runs in
+    both; a different fp perplexity means the runs are not comparable, which is an error."""
+    fp_old = next(r["perplexity"] for r in old["rows"] if r["kind"] == "fp")
+    fp_new = next(r["perplexity"] for r in new["rows"] if r["kind"] == "fp")
+    if abs(fp_new / fp_old - 1) > 1e-6:
+        raise SystemExit(f"--append: full precision gives {fp_new:.4f} now and {fp_old:.4f} in the earlier run "
+                         f"(other windows, dtype or text?): not merging")
+    fresh = {(r["setting"], r["kind"]): r for r in new["rows"]}
+    rows = [fresh.pop((r["setting"], r["kind"]), r) for r in old["rows"]]
+    return {"rows": rows + list(fresh.values()), "seconds": old["seconds"] + new["seconds"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2,gemma3", help=f"comma-separated, from: {', '.join(ev.MODELS)}")
@@ -108,7 +123,8 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     p.add_argument("--plot", default=os.path.join(HERE, "results", "accuracy.png"))
     p.add_argument("--append", action="store_true",
-                   help="keep the other models already in --out (a study run one model at a time)")
+                   help="keep what --out already holds: the other models, and this model's other settings "
+                        "(rows of a setting run again are replaced)")
     p.add_argument("--readme", help="only render --out (JSON of an earlier run) into this README's accuracy "
                                     "block (and redraw --plot); runs nothing")
     args = p.parse_args()
@@ -142,7 +158,10 @@ def main() -> None:
               f"tokens ({results['text']}), greedy agreement over {args.agree} tokens, {args.dtype}, "
               f"{results['machine']}\n")
         print(ev.table(rows), flush=True)
-        results["models"][model_name] = {"rows": [asdict(r) for r in rows], "seconds": time.perf_counter() - start}
+        entry = {"rows": [asdict(r) for r in rows], "seconds": time.perf_counter() - start}
+        if model_name in results["models"]:
+            entry = merge(results["models"][model_name], entry)
+        results["models"][model_name] = entry
         del model
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -50,6 +50,13 @@ SETTINGS: Dict[str, Optional[dict]] = {
     "nqkv-k4v3-b32": {"method": "nqkv", "k_bits": 4, "v_bits": 3, "block_size": 32},
     "int8": {"method": "int8"},
     "fp8": {"method": "fp8"},
+    # a full-precision window of the newest tokens, and/or blocks quantized in their Hadamard basis
+    "nqkv-4-r32": {"method": "nqkv", "bits": 4, "residual_length": 32},
+    "nqkv-4-h": {"method": "nqkv", "bits": 4, "hadamard": True},
+    "nqkv-4-h-r32": {"method": "nqkv", "bits": 4, "hadamard": True, "residual_length": 32},
+    "nqkv-3-h-r16": {"method": "nqkv", "bits": 3, "hadamard": True, "residual_length": 16},
+    "nqkv-3-h-r32": {"method": "nqkv", "bits": 3, "hadamard": True, "residual_length": 32},
+    "nqkv-k4v2-h-r16": {"method": "nqkv", "k_bits": 4, "v_bits": 2, "hadamard": True, "residual_length": 16},
 }
 
 # transformers' QuantizedCache with its defaults (axis 0, groups of 64, residual 128): name -> (backend, nbits)

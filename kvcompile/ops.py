@@ -16,25 +16,23 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from .kernels import reference as ref
-from .methods import FP8, INT8, KIVI, NF
+from .methods import FP8, INT8, KIVI, NF, NFH
 
 KERNELS = ("auto", "triton", "torch")
 
 
-# Storage formats with Triton kernels: attention / qk / pv read KIVI, NF, INT8 and FP8 codes; the
-# quantize kernel writes KIVI codes. NFH (nqkv with hadamard=True) and the other writes use the reference.
-READ_FORMATS = (KIVI, NF, INT8, FP8)
-WRITE_FORMATS = (KIVI,)
+# Storage formats the Triton kernels read and write (NFH: NF in each block's Hadamard basis).
+TRITON_FORMATS = (KIVI, NF, NFH, INT8, FP8)
 
 
-def use_triton(t: Tensor, *formats: int, supported: Tuple[int, ...] = READ_FORMATS) -> bool:
+def use_triton(t: Tensor, *formats: int) -> bool:
     """Triton kernels on CUDA, the torch reference elsewhere. KVCOMPILE_KERNELS=triton forces the
     kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference.
-    A format among `formats` that is not `supported` by the kernels takes the reference."""
+    A format among `formats` that the kernels do not know takes the reference."""
     mode = os.environ.get("KVCOMPILE_KERNELS", "auto")
     if mode not in KERNELS:
         raise ValueError(f"KVCOMPILE_KERNELS must be one of {', '.join(KERNELS)}; got {mode!r}")
-    if any(f not in supported for f in formats):
+    if any(f not in TRITON_FORMATS for f in formats):
         return False
     return mode == "triton" or (mode == "auto" and t.is_cuda)
 
@@ -90,11 +88,15 @@ def compact_(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, nq: int, met
     n = _n_quantize(method, bits, group, axis, residual, res.shape[2] - ref.PAD)
     r = ref.unpad(res)
     o, os_ = ref.PAD + nq, ref.PAD + _scale_rows(nq, group, axis)
-    if n > 0 and use_triton(res, fmt, supported=WRITE_FORMATS):
+    if n > 0 and use_triton(res, fmt):
         from .kernels import triton_quantize
 
         _count("triton_quantize_calls")
-        triton_quantize.quantize(r[:, :, :n], bits, group, axis, out=(codes, scale, mn), row=o, scale_row=os_)
+        if fmt == KIVI:
+            triton_quantize.quantize(r[:, :, :n], bits, group, axis, out=(codes, scale, mn), row=o, scale_row=os_)
+        else:
+            triton_quantize.quantize_symmetric(r[:, :, :n], bits, group, fmt, out=(codes, scale, mn), row=o,
+                                               scale_row=os_)
     elif n > 0:
         c, s, m = ref.quantize(r[:, :, :n], bits, group, axis, fmt)
         codes[:, :, o:o + n] = c

@@ -464,10 +464,12 @@ def test_qk_pv_match_float64(case):
 # the symmetric formats (nqkv's NF, int8, fp8): codes read by the same kernels
 # ----------------------------------------------------------------------------------------------
 
-from kvcompile.methods import FP8, INT8, KIVI, NF  # noqa: E402
+from kvcompile.methods import FP8, INT8, KIVI, NF, NFH  # noqa: E402
 
 # (fmt, bits, group) with head_dim 16 or 64; group = channels per scale (head_dim for int8 / fp8)
 SYMMETRIC = [(NF, 4, 16), (NF, 3, 8), (NF, 2, 64), (INT8, 8, None), (FP8, 8, None)]
+# NFH is read as NF in the Hadamard basis (q, residuals and output transformed by torch): not exact
+HADAMARD = [(NFH, 4, 16), (NFH, 3, 64), (NFH, 2, 8)]
 
 
 def packed_symmetric(B, H, nq, nr, D, fmt, bits, group, dtype, gen):
@@ -496,7 +498,7 @@ def test_symmetric_dequantization_is_exact(fmt, bits, group):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fmt, bits, group", SYMMETRIC)
+@pytest.mark.parametrize("fmt, bits, group", SYMMETRIC + HADAMARD)
 def test_symmetric_attention_qk_pv_match_float64(fmt, bits, group, dtype):
     gen = torch.Generator().manual_seed(bits + fmt)
     B, Hkv, gq, L, D = 2, 2, 3, 1, 64
@@ -531,9 +533,93 @@ def test_symmetric_formats_reject_bad_meta():
     gen = torch.Generator().manual_seed(6)
     k, km = packed_symmetric(1, 1, 8, 2, 16, NF, 4, 16, torch.float32, gen)
     q = torch.randn(1, 1, 1, 16, generator=gen)
-    with pytest.raises(ValueError, match="format 4 has no Triton kernel"):
-        ta.qk(q, *k, (*km[:4], 4))
+    with pytest.raises(ValueError, match="format 9 has no Triton kernel"):
+        ta.qk(q, *k, (*km[:4], 9))
     with pytest.raises(ValueError, match="bits must be 8 or 16 for format 2"):
         ta.qk(q, *k, (4, 16, ref.CHANNEL_AXIS, 8, INT8))
     with pytest.raises(ValueError, match="inconsistent packed cache"):
         ta.qk(q, *k, (2, 16, ref.CHANNEL_AXIS, 8, NF))  # 2-bit meta on 4-bit codes
+
+
+# -- the symmetric formats' quantizer (compact_'s write on CUDA) ----------------------------------
+
+
+@st.composite
+def symmetric_quantize_case(draw):
+    fmt, bits, group = draw(st.sampled_from(SYMMETRIC + HADAMARD + [(NF, 4, 24), (NF, 2, 4), (NF, 3, 1)]))
+    D = draw(st.sampled_from([d for d in (8, 16, 24, 48, 64, 80) if (group is None or d % group == 0)
+                              and d % (8 if bits == 3 else 8 // bits) == 0]))
+    return dict(fmt=fmt, bits=bits, group=D if group is None else group, D=D, B=draw(st.integers(1, 2)),
+                H=draw(st.integers(1, 3)), N=draw(st.integers(1, 70)), dtype=draw(st.sampled_from(DTYPES)),
+                seed=draw(st.integers(0, 2**31 - 1)), row=draw(st.sampled_from([0, 2, 5])))
+
+
+@settings(max_examples=30, deadline=None)
+@given(symmetric_quantize_case())
+def test_quantize_symmetric_bit_exact(case):
+    """Bit for bit the reference, also written in place at a row offset into larger storage."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    B, H, N, D, dtype = (case[k] for k in ("B", "H", "N", "D", "dtype"))
+    x = (torch.randn(B, H, N, D, generator=gen) * 10 ** torch.empty(B, H, N, 1).uniform_(-3, 2, generator=gen))
+    x[0, 0, 0] = 0
+    x = x.to(dtype)
+    args = (case["bits"], case["group"], case["fmt"])
+    want = ref.quantize(x, case["bits"], case["group"], ref.CHANNEL_AXIS, case["fmt"])
+    for got, w, name in zip(tq.quantize_symmetric(x, *args), want, ("codes", "scale", "mn")):
+        assert_exact(got, w, f"{name} {case}")
+    r = case["row"]
+    out = (torch.full((B, H, r + N + 3, want[0].shape[3]), 7, dtype=torch.uint8),
+           torch.full((B, H, r + N + 3, want[1].shape[3]), 5.0, dtype=dtype), torch.zeros(B, H, r + N + 3, 0, dtype=dtype))
+    before = [t.clone() for t in out]
+    tq.quantize_symmetric(x.transpose(1, 2).contiguous().transpose(1, 2), *args, out=out, row=r)  # strided x
+    for got, old, w, name in zip(out[:2], before, want, ("codes", "scale")):
+        assert_exact(got[:, :, r:r + N], w, f"{name} in place {case}")
+        assert torch.equal(got[:, :, :r], old[:, :, :r]) and torch.equal(got[:, :, r + N:], old[:, :, r + N:])
+
+
+def test_fp8_rounding_matches_torch_everywhere():
+    """Every e4m3 value, every midpoint between neighbours (ties to even), one float32 ulp either side,
+    subnormals, -0 and the clamp at 448: the kernel's bit-level rounding against torch's cast. A
+    token's absmax of 448 makes its scale exactly 1, so the kernel rounds these values themselves."""
+    e4m3 = torch.arange(256, dtype=torch.int64).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    pos = e4m3[(e4m3 >= 0) & ~e4m3.isnan()].unique()
+    mids = (pos[1:] + pos[:-1]) / 2
+    vals = torch.cat([pos, mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(1e9)),
+                      torch.tensor([1e-9, 2.0 ** -10, 3 * 2.0 ** -11, 447.9, 450.0, 1000.0])])
+    vals = torch.cat([vals, -vals, torch.tensor([-0.0])])
+    D = 64
+    n = -(-vals.numel() // (D - 1))
+    x = torch.zeros(n * (D - 1))
+    x[:vals.numel()] = vals
+    x = torch.cat([torch.full((n, 1), 448.0), x.reshape(n, D - 1).clamp(-448, 448)], dim=1)[None, None]
+    got = tq.quantize_symmetric(x, 8, D, FP8)
+    want = ref.quantize(x, 8, D, ref.CHANNEL_AXIS, FP8)
+    assert torch.equal(want[1], torch.ones_like(want[1]))
+    assert_exact(got[0], want[0], "fp8 codes")
+
+
+def test_quantize_symmetric_rejects_bad_arguments():
+    x = torch.randn(1, 1, 2, 16)
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        tq.quantize_symmetric(x, 4, 16, KIVI)
+    with pytest.raises(ValueError, match="bits must be 8 for format 2"):
+        tq.quantize_symmetric(x, 4, 16, INT8)
+    with pytest.raises(ValueError, match="group 5 must divide head_dim 16"):
+        tq.quantize_symmetric(x, 4, 5, NF)
+    with pytest.raises(ValueError, match="power-of-2 blocks"):
+        tq.quantize_symmetric(torch.randn(1, 1, 2, 24), 4, 12, NFH)
+    with pytest.raises(ValueError, match="out scale"):
+        tq.quantize_symmetric(x, 4, 16, NF, out=(torch.zeros(1, 1, 2, 8, dtype=torch.uint8), torch.zeros(1, 1, 2, 2),
+                                                torch.zeros(1, 1, 2, 0)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_nf_ties_go_to_the_lower_level(bits):
+    """Values exactly on a decision boundary (a block whose absmax is 1, so u = x) and one ulp either side."""
+    from kvcompile.methods import nqkv
+
+    m = nqkv.midpoints(bits)
+    vals = torch.cat([m, m.nextafter(torch.tensor(-2.0)), m.nextafter(torch.tensor(2.0)), nqkv.levels(bits)])
+    x = torch.cat([torch.ones(1), vals, torch.zeros(64 - 1 - vals.numel())])[None, None, None]
+    got = tq.quantize_symmetric(x, bits, 64, NF)
+    assert_exact(got[0], ref.quantize(x, bits, 64, ref.CHANNEL_AXIS, NF)[0], f"nf{bits} ties")

@@ -136,14 +136,13 @@ def test_symmetric_format_quantize_and_compact(method, bits, group):
 
 
 def test_which_formats_take_the_triton_kernels(monkeypatch):
-    """The read kernels (attention, qk, pv) know KIVI, NF, INT8 and FP8 codes; NFH (nqkv's Hadamard
-    blocks) and every write but KIVI's take the reference."""
+    """The kernels know every storage format (NFH in the Hadamard basis); KVCOMPILE_KERNELS=torch
+    and unknown formats take the reference."""
     monkeypatch.setenv("KVCOMPILE_KERNELS", "triton")
     t = torch.zeros(1)
     assert ops.use_triton(t) and ops.use_triton(t, KIVI, KIVI)
-    for method in ("nqkv", "int8", "fp8"):
-        assert ops.use_triton(t, FORMATS[method]) and ops.use_triton(t, KIVI, FORMATS[method])
-        assert not ops.use_triton(t, FORMATS[method], supported=ops.WRITE_FORMATS)
-    assert not ops.use_triton(t, NFH) and not ops.use_triton(t, KIVI, NFH)
+    for fmt in (FORMATS["nqkv"], NFH, FORMATS["int8"], FORMATS["fp8"]):
+        assert ops.use_triton(t, fmt) and ops.use_triton(t, KIVI, fmt)
+    assert not ops.use_triton(t, 9)
     monkeypatch.setenv("KVCOMPILE_KERNELS", "torch")
     assert not ops.use_triton(t, KIVI)

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..methods import FP8, INT8, KIVI, NF, codes_per_word, nqkv
+from ..methods import FP8, INT8, KIVI, NF, NFH, codes_per_word, nqkv
 from . import reference as ref
 from .triton_quantize import reduce_max, reduce_sum, round_to_storage
 
@@ -52,8 +52,8 @@ CHANNEL_AXIS = ref.CHANNEL_AXIS
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _MASK_NONE, _MASK_ADD, _MASK_BOOL = 0, 1, 2
-# storage formats the kernels read (methods.FORMATS) -> their bits; NFH (nqkv's Hadamard blocks) is not
-# among them and takes the torch reference
+# storage formats the kernels read (methods.FORMATS) -> their bits. NFH (nqkv's Hadamard blocks) is read
+# as NF in the transformed basis (_hadamard_basis), so the kernels themselves never see it.
 KERNEL_BITS = {KIVI: (2, 4), NF: (2, 3, 4), INT8: (8,), FP8: (8,)}
 
 
@@ -589,6 +589,34 @@ def _expand_mask(attn_mask: Tensor, B: int, Hq: int, L: int, T: int, dtype: torc
     return m, _MASK_ADD
 
 
+def _hadamard_block(meta: Sequence[int]) -> int:
+    """The block size of an NFH cache tensor (nqkv with hadamard=True), 0 for any other."""
+    return int(meta[1]) if len(meta) == 5 and int(meta[4]) == NFH and int(meta[0]) < 16 else 0
+
+
+def _rotate(x: Tensor, block: int) -> Tensor:
+    """x @ diag(H_block, H_block, ...) over the last dim (nqkv.fwht), float32."""
+    shape = x.shape
+    return nqkv.fwht(x.float().reshape(*shape[:-1], shape[-1] // block, block)).reshape(shape)
+
+
+def _keys_in_basis(q: Tensor, k_res: Tensor, k_meta: Sequence[int]):
+    """NFH codes are NF codes of each block's transform y = x H (H symmetric, H H = I), and attention
+    can run in that basis: scores q k^T = (q H)(k H)^T, and sum_j p_j v_j = (sum_j p_j (v_j H)) H.
+    So q and the full-precision residuals (a few tokens) are transformed with torch, the kernels read
+    the codes as plain NF, and the output is transformed back when the values are NFH. All of it in
+    float32 (q, residuals and output are small in decode), rounded to q's dtype once at the end, so the
+    transforms add no rounding of their own."""
+    g = _hadamard_block(k_meta)
+    return (_rotate(q, g), _rotate(k_res, g), (*k_meta[:4], NF)) if g else (q.float(), k_res.float(), k_meta)
+
+
+def _values_in_basis(v_res: Tensor, v_meta: Sequence[int]):
+    """(v_res, v_meta, block): see _keys_in_basis; block 0 when the values are not NFH."""
+    g = _hadamard_block(v_meta)
+    return (_rotate(v_res, g), (*v_meta[:4], NF), g) if g else (v_res.float(), v_meta, 0)
+
+
 def attention(
     q: Tensor,
     k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
@@ -638,6 +666,17 @@ def attention_with_config(
     (default by tile size), num_stages (the loop branches on the tile kind, so Triton does not
     pipeline it; kept for experiments)."""
     _check_q(q)
+    if _hadamard_block(k_meta) or _hadamard_block(v_meta):
+        if k_res.dtype != q.dtype or v_res.dtype != q.dtype:
+            raise ValueError(f"q, keys and values must have the same dtype; got {q.dtype}, {k_res.dtype}, "
+                             f"{v_res.dtype}")
+        q32, k_res, k_meta = _keys_in_basis(q, k_res, k_meta)
+        v_res, v_meta, gv = _values_in_basis(v_res, v_meta)
+        out = attention_with_config(q32, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, k_meta,
+                                    v_meta, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                    scale=scale, num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                                    num_stages=num_stages)
+        return (_rotate(out, gv) if gv else out).to(q.dtype)
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p must be 0 for the quantized KV attention (inference); got {dropout_p}")
     if is_causal and attn_mask is not None:
@@ -713,6 +752,11 @@ def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
     """q [B, Hq, L, D] @ K^T -> scores [B, Hq, L, T] in q's dtype, over packed keys with Hkv heads
     (the twin of `reference.qk`). Grid: (B * Hkv * cdiv(T, BLOCK_N), cdiv(Hq / Hkv * L, BLOCK_M))."""
     _check_q(q)
+    if _hadamard_block(k_meta):
+        if k_res.dtype != q.dtype:
+            raise ValueError(f"q and keys must have the same dtype; got {q.dtype} and {k_res.dtype}")
+        q32, k_res, k_meta = _keys_in_basis(q, k_res, k_meta)
+        return qk(q32, k_codes, k_scale, k_mn, k_res, k_meta, block_n=block_n).to(q.dtype)
     B, Hq, L, D = q.shape
     K = _Packed("k", k_codes, k_scale, k_mn, k_res, k_meta, B, Hq)
     if K.dim != D:
@@ -744,6 +788,12 @@ def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
     (the twin of `reference.pv`). Grid: (B * Hkv, num_splits, cdiv(Hq / Hkv * L, BLOCK_M)); with
     several splits the fp32 partial sums are added by torch."""
     _check_q(p, "p")
+    if _hadamard_block(v_meta):
+        if v_res.dtype != p.dtype:
+            raise ValueError(f"p and values must have the same dtype; got {p.dtype} and {v_res.dtype}")
+        v_res, v_meta, gv = _values_in_basis(v_res, v_meta)
+        out = pv(p.float(), v_codes, v_scale, v_mn, v_res, v_meta, num_splits=num_splits, block_n=block_n)
+        return _rotate(out, gv).to(p.dtype)
     B, Hq, L, T = p.shape
     V = _Packed("v", v_codes, v_scale, v_mn, v_res, v_meta, B, Hq)
     if V.ntok != T:

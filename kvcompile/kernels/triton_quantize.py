@@ -276,6 +276,116 @@ def _quantize_channels_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# the symmetric formats (nqkv NF, int8, fp8): blocks of G channels of one token, one scale each
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rint(x):
+    """Round float32 x >= 0 (< 2^22) to the nearest integer, ties to even, as uint32."""
+    f = tl.floor(x)
+    d = x - f
+    i = f.to(tl.uint32)
+    return i + ((d > 0.5) | ((d == 0.5) & ((i & 1) == 1))).to(tl.uint32)
+
+
+@triton.jit
+def _e4m3(u):
+    """float32 u (|u| <= 448) -> its float8 e4m3fn byte, rounding to nearest even as torch's cast
+    does, from the float32 bits: the sign; subnormals (|u| < 2^-6) as round(|u| * 2^9); normals as
+    (exponent + 7, top 3 mantissa bits) rounded on the 20 dropped bits (a carry moves the exponent)."""
+    bits = u.to(tl.uint32, bitcast=True)
+    sign = (bits >> 31) << 7
+    a = bits & 0x7FFFFFFF
+    mag = a.to(tl.float32, bitcast=True)
+    # subnormal: mag * 512 is exact; rint = round half to even
+    sub = _rint(mag * 512.0)
+    e = (a >> 23).to(tl.int32) - 127
+    keep = (a >> 20) & 7
+    rest = a & 0xFFFFF
+    up = (rest > 0x80000) | ((rest == 0x80000) & ((keep & 1) == 1))
+    normal = (((e + 7).to(tl.uint32) << 3) | keep) + up.to(tl.uint32)
+    code = tl.where(mag < 0.015625, sub, normal)
+    return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _quantize_symmetric_kernel(
+    X, C, S, MIDS,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    stride_cb, stride_ch, stride_cn,
+    stride_sb, stride_sh, stride_sn,
+    H, N, N_TBLK, row, srow,
+    D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, IS_BF16: tl.constexpr,
+    PERW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """One program quantizes BLOCK_T whole tokens (all D channels) into a symmetric format.
+
+    X  [B, H, N, D]                          any strides (float32 for NFH: already transformed)
+    C  [B, H, >= row + N, D * BITS / 8]      uint8, last stride 1
+    S  [B, H, >= srow + N, D / GROUP]        the cache dtype, last stride 1
+    MIDS  the 2^BITS - 1 NF decision boundaries (float32; FMT NF only)
+    grid: (B * H * N_TBLK,)
+
+    Two phases: (1) a [BLOCK_T, blocks, GROUP] tile gives each block's absmax and its scale, stored;
+    (2) after a barrier, a [BLOCK_T, words, PERW] tile (PERW codes per packed word: 8 / BITS per byte,
+    or 8 3-bit codes per 3 bytes) reads each channel's *stored* scale back, as the reference computes
+    codes with it, and packs the codes."""
+    pid = tl.program_id(0).to(tl.int64)
+    tblk = pid % N_TBLK
+    bh = pid // N_TBLK
+    b = bh // H
+    h = bh % H
+    offs_t = tblk * BLOCK_T + tl.arange(0, BLOCK_T)
+    t3 = offs_t[:, None, None]
+    t_ok = t3 < N
+    xb = X + b * stride_xb + h * stride_xh + t3 * stride_xn
+    sb = S + b * stride_sb + h * stride_sh + (srow + t3) * stride_sn
+
+    # -- (1) scale of each block --
+    a = tl.arange(0, BLOCK_A)[None, :, None]
+    g = tl.arange(0, BLOCK_G)[None, None, :]
+    ok = t_ok & (a < D // GROUP) & (g < GROUP)
+    x = tl.load(xb + (a * GROUP + g) * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    amax = reduce_max(tl.abs(x), axis=2)[:, :, None]  # [T, A, 1]
+    if FMT == 1:
+        scale = amax
+    elif FMT == 2:
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    else:
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    tl.store(sb + a, round_to_storage(scale, IS_BF16, S.dtype.element_ty), mask=t_ok & (a < D // GROUP))
+    tl.debug_barrier()  # the stores above are read back below, by other threads of this program
+
+    # -- (2) codes from the stored scales, packed --
+    w = tl.arange(0, BLOCK_W)[None, :, None]
+    j = tl.arange(0, PERW)[None, None, :]
+    chan = w * PERW + j
+    ok = t_ok & (chan < D)
+    x = tl.load(xb + chan * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(sb + chan // GROUP, mask=ok, other=0.0).to(tl.float32)
+    pos = s > 0
+    u = tl.where(pos, tl.math.div_rn(x, tl.where(pos, s, 1.0)), 0.0)
+    if FMT == 1:  # NF: the number of decision boundaries below u (the nearest level, ties down)
+        q = tl.zeros(u.shape, tl.int32)
+        for i in tl.static_range((1 << BITS) - 1):
+            q += (u > tl.load(MIDS + i)).to(tl.int32)
+    elif FMT == 2:  # INT8: code + 128
+        q = (tl.minimum(tl.maximum(tl.floor(u + 0.5), -127.0), 127.0) + 128.0).to(tl.int32)
+    else:  # FP8
+        q = _e4m3(tl.minimum(tl.maximum(u, -448.0), 448.0)).to(tl.int32)
+    word = reduce_sum(q << (j * BITS), axis=2)  # [T, W]
+    cb = C + b * stride_cb + h * stride_ch + (row + offs_t[:, None]) * stride_cn
+    wv = tl.arange(0, BLOCK_W)[None, :]
+    w_ok = (offs_t < N)[:, None] & (wv * PERW < D)
+    if BITS == 3:  # 8 codes in a little-endian 24-bit word: 3 bytes
+        for k in tl.static_range(3):
+            tl.store(cb + 3 * wv + k, ((word >> (8 * k)) & 255).to(tl.uint8), mask=w_ok)
+    else:
+        tl.store(cb + wv, word.to(tl.uint8), mask=w_ok)
+
+
+# ----------------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------------
 
@@ -405,4 +515,74 @@ def quantize(
             GROUP=group, BITS=bits, PER=per, IS_BF16=x.dtype == torch.bfloat16, WIDE=wide, NA=na, NB=nb,
             BLOCK_T=block_t, BLOCK_A=ba, BLOCK_B=bb, BLOCK_C=bc,
         )
+    return codes, scale, mn
+
+
+def quantize_symmetric(
+    x: Tensor,
+    bits: int,
+    group: int,
+    fmt: int,
+    out: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    row: int = 0,
+    scale_row: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Quantize x [B, H, N, D] (fp32/fp16/bf16, any strides) into (codes, scale, mn) of a symmetric
+    storage format, bit for bit `reference.quantize(x, bits, group, CHANNEL_AXIS, fmt)`.
+
+    fmt: methods.NF (bits 2, 3, 4; group any divisor of D), NFH (the same after nqkv.fwht of each
+    block, done here with torch: group a power of 2), INT8 or FP8 (bits 8, group D). mn has width 0.
+    out / row / scale_row: as `quantize` (scale rows are tokens). Grid: (B * H * cdiv(N, BLOCK_T),)."""
+    from ..methods import FP8, INT8, NF, NFH, nqkv
+
+    valid = {NF: (2, 3, 4), NFH: (2, 3, 4), INT8: (8,), FP8: (8,)}
+    if fmt not in valid:
+        raise ValueError(f"fmt must be one of {', '.join(map(str, valid))} (methods.NF, NFH, INT8, FP8); got {fmt}")
+    if bits not in valid[fmt]:
+        raise ValueError(f"bits must be {', '.join(map(str, valid[fmt]))} for format {fmt}; got {bits}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, H, N, D]; got shape {list(x.shape)}")
+    if x.dtype not in _TL_DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    B, H, N, D = x.shape
+    perw = 8 if bits == 3 else 8 // bits  # codes per packed word (3 bytes for 3-bit codes, else a byte)
+    if group < 1 or D % group:
+        raise ValueError(f"group {group} must divide head_dim {D}")
+    if D % perw:
+        raise ValueError(f"{bits}-bit codes pack {perw} per word, which must divide head_dim {D}")
+    if scale_row is None:
+        scale_row = row
+    if out is None:
+        if row != 0 or scale_row != 0:
+            raise ValueError("row / scale_row need out=(codes, scale, mn)")
+        out = (torch.empty((B, H, N, D * bits // 8), dtype=torch.uint8, device=x.device),
+               torch.empty((B, H, N, D // group), dtype=x.dtype, device=x.device),
+               torch.empty((B, H, N, 0), dtype=x.dtype, device=x.device))
+    codes, scale, mn = out
+    for name, t, rows, width, dtype in (("codes", codes, row + N, D * bits // 8, torch.uint8),
+                                        ("scale", scale, scale_row + N, D // group, x.dtype)):
+        if (t.dim() != 4 or tuple(t.shape[:2]) != (B, H) or t.shape[3] != width or t.shape[2] < rows
+                or t.dtype != dtype or t.device != x.device or t.stride(3) != 1):
+            raise ValueError(f"out {name} must be [{B}, {H}, >= {rows}, {width}] {dtype} on {x.device}, contiguous "
+                             f"along its last dim; got {list(t.shape)} {t.dtype} on {t.device}")
+    if B * H * N * D == 0:
+        return codes, scale, mn
+    if fmt == NFH:
+        if group & (group - 1):
+            raise ValueError(f"the Hadamard format needs power-of-2 blocks; got group {group}")
+        x = nqkv.fwht(x.float().reshape(B, H, N, D // group, group)).reshape(B, H, N, D)
+    mids = nqkv.midpoints(bits, x.device) if fmt in (NF, NFH) else scale  # (a placeholder pointer)
+    block_a, block_g = triton.next_power_of_2(D // group), triton.next_power_of_2(group)
+    block_w = triton.next_power_of_2(D // perw)
+    block_t = max(1, min(triton.next_power_of_2(N), _TILE_ELEMS // max(block_a * block_g, block_w * perw), 64))
+    n_tblk = triton.cdiv(N, block_t)
+    _quantize_symmetric_kernel[(B * H * n_tblk,)](
+        x, codes, scale, mids,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        codes.stride(0), codes.stride(1), codes.stride(2),
+        scale.stride(0), scale.stride(1), scale.stride(2),
+        H, N, n_tblk, row, scale_row,
+        D=D, GROUP=group, BITS=bits, FMT=NF if fmt == NFH else fmt, IS_BF16=scale.dtype == torch.bfloat16,
+        PERW=perw, BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_G=block_g, BLOCK_W=block_w,
+    )
     return codes, scale, mn
