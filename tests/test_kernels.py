@@ -623,3 +623,23 @@ def test_nf_ties_go_to_the_lower_level(bits):
     x = torch.cat([torch.ones(1), vals, torch.zeros(64 - 1 - vals.numel())])[None, None, None]
     got = tq.quantize_symmetric(x, bits, 64, NF)
     assert_exact(got[0], ref.quantize(x, bits, 64, ref.CHANNEL_AXIS, NF)[0], f"nf{bits} ties")
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects: compile every kernel variant for an H100 down to
+    ptxas (scripts/compile_sm90.py), in a subprocess without TRITON_INTERPRET. No GPU needed."""
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"this triton has no bundled ptxas ({ptxas})")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "compile_sm90.py")], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "compiled" in run.stdout
