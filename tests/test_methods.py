@@ -338,7 +338,12 @@ def test_method_follows_reference(name):
     options = dict(CASES[name], compiler="eager")
     prefill = 8 if "residual" in name else 3  # with a window: a prefill that quantizes too
     err_ref, err_fp, cache = _vs_reference(tiny("llama"), _ids(2, prefill + 20), options, prefill)
-    assert err_ref == 0.0, err_ref
+    if options.get("hadamard"):
+        # attention runs in the Hadamard basis (reference.in_basis), the eager reference transforms the
+        # cache back: the same values up to float32 rounding
+        assert err_ref < 1e-5 and err_ref < 1e-3 * err_fp, (err_ref, err_fp)
+    else:
+        assert err_ref == 0.0, err_ref
     assert err_fp > 0.0  # closer to the semantics than to full precision
     keys, values = cache.layers[0].keys, cache.layers[0].values
     assert isinstance(keys, KVState) and isinstance(values, KVState)

@@ -83,16 +83,17 @@ def test_append_and_quantize():
     torch.library.opcheck(ops.quantize, (torch.randn(1, 2, 3, 8), 4, 4, CHANNEL_AXIS))
 
 
-SYMMETRIC = [  # method, bits, group (head_dim 8)
-    ("nqkv", 4, 4), ("nqkv", 3, 8), ("nqkv", 2, 4), ("int8", 8, 8), ("fp8", 8, 8),
+SYMMETRIC = [  # method, bits, group (head_dim 8); "nqkv-h": nqkv with hadamard=True
+    ("nqkv", 4, 4), ("nqkv", 3, 8), ("nqkv", 2, 4), ("int8", 8, 8), ("fp8", 8, 8), ("nqkv-h", 4, 8), ("nqkv-h", 3, 4),
 ]
+FMT = {**FORMATS, "nqkv-h": NFH}
 
 
 @pytest.mark.parametrize("method, bits, group", SYMMETRIC)
 @pytest.mark.parametrize("B, Hq, Hkv, Nq, Nr, D, L", CASES[:3])
 def test_symmetric_format_ops(method, bits, group, B, Hq, Hkv, Nq, Nr, D, L):
     """nqkv / int8 / fp8 storage through every op: meta's 5th element names the format, mn has width 0."""
-    fmt = FORMATS[method]
+    fmt = FMT[method]
     k, K = _packed(B, Hkv, Nq, Nr, D, bits, group, CHANNEL_AXIS, seed=1, fmt=fmt)
     v, V = _packed(B, Hkv, Nq, Nr, D, bits, group, CHANNEL_AXIS, seed=2, fmt=fmt)
     assert k[2].shape[-1] == 0
@@ -115,7 +116,7 @@ def test_symmetric_format_ops(method, bits, group, B, Hq, Hkv, Nq, Nr, D, L):
 
 @pytest.mark.parametrize("method, bits, group", SYMMETRIC)
 def test_symmetric_format_quantize_and_compact(method, bits, group):
-    fmt = FORMATS[method]
+    fmt = FMT[method]
     x = torch.randn(2, 2, 5, 8)
     torch.library.opcheck(ops.quantize, (x, bits, group, CHANNEL_AXIS, fmt))
     c, s, m = ops.quantize(x, bits, group, CHANNEL_AXIS, fmt)
@@ -123,7 +124,7 @@ def test_symmetric_format_quantize_and_compact(method, bits, group):
     # residual 2: 3 of the 5 residual tokens leave it, written after the 4 already held
     (c, s, m, r), full = _packed(2, 2, 4, 5, 8, bits, group, CHANNEL_AXIS, fmt=fmt)
     c, s, m = ops.grow(c, s, m, 4, 16, group, CHANNEL_AXIS)
-    args = (c, s, m, r, 4, method, bits, group, CHANNEL_AXIS, 2, fmt)
+    args = (c, s, m, r, 4, method.split("-")[0], bits, group, CHANNEL_AXIS, 2, fmt)
     torch.library.opcheck(ops.compact_, tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in args))
     r2 = ops.compact_(*args)
     assert r2.shape[2] - ref.PAD == 2

@@ -22,13 +22,14 @@ KIVI, asymmetric b-bit quantization of a group x: mn = min(x), scale = (max(x) -
 code = clamp(floor((x - mn) / scale + 0.5), 0, 2^b - 1), dequantized code * scale + mn.
 Arithmetic is float32; scale and mn are stored in the cache dtype, and codes are computed with the
 stored scale, so that dequantization inverts exactly what was stored. A constant group has
-scale 0 and dequantizes to mn exactly. The Triton kernels implement this format only.
+scale 0 and dequantizes to mn exactly.
 
 NF, NFH, INT8, FP8 (methods nqkv, nqkv with hadamard=True, int8, fp8): symmetric, one scale per group
 and no minimum (mn has width 0); the per-group arithmetic is in methods/nqkv.py, int8.py and fp8.py
 (NFH: NF in the basis of each block's Hadamard transform, nqkv.fwht before quantizing and after
-dequantizing). 8-bit codes take one
-byte each; 3-bit codes 3 bytes per 8 codes.
+dequantizing). 8-bit codes take one byte each; 3-bit codes 3 bytes per 8 codes.
+
+The Triton twins (triton_quantize.py, triton_attention.py) implement every format.
 """
 
 from __future__ import annotations
@@ -181,6 +182,24 @@ def full(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group
     return torch.cat([dequantize(codes, scale, mn, bits, group, axis, res.shape[-1], fmt), res], dim=2)
 
 
+def rotate(x: Tensor, block: int) -> Tensor:
+    """x @ diag(H_block, H_block, ...) over the last dim (nqkv.fwht), in float32."""
+    shape = x.shape
+    return nqkv.fwht(x.float().reshape(*shape[:-1], shape[-1] // block, block)).reshape(shape)
+
+
+def in_basis(t: Tuple[Tensor, Tensor, Tensor, Tensor], meta: Tuple[int, ...]):
+    """An NFH cache tensor (nqkv with hadamard=True) seen in its Hadamard basis: (padded tensors, meta,
+    block) whose `full_padded` is the cache times H (the NF codes as stored, the residual transformed),
+    so attention need not transform the whole cache back every step: q k^T = (q H)(k H)^T and
+    sum_j p_j v_j = (sum_j p_j (v_j H)) H, with H symmetric and H H = I. Other tensors: unchanged, 0."""
+    if len(meta) < 5 or meta[4] != NFH or meta[0] >= 16:
+        return t, meta, 0
+    codes, scale, mn, res = t
+    g = int(meta[1])
+    return (codes, scale, mn, rotate(res, g).to(res.dtype)), (*meta[:4], NF), g
+
+
 def _repeat_heads(x: Tensor, hq: int) -> Tensor:
     """[B, Hkv, T, D] -> [B, Hq, T, D], each KV head serving Hq / Hkv consecutive query heads."""
     B, H, T, D = x.shape
@@ -206,8 +225,13 @@ def attention(
     k, v: padded (codes, scale, mn, res) with Hkv heads; Hkv divides Hq (GQA/MQA).
     k_meta, v_meta: (bits, group, axis, nq[, fmt]), nq the number of quantized tokens (the packed storage
     may have spare rows after them), fmt the storage format (KIVI if absent). Returns [B, Hq, L, Dv],
-    contiguous.
+    contiguous. NFH keys / values are attended in their Hadamard basis (`in_basis`): the query and the
+    residual are transformed, and the output transformed back, in the cache dtype.
     """
+    k, k_meta, gk = in_basis(k, k_meta)
+    v, v_meta, gv = in_basis(v, v_meta)
+    if gk:
+        q = rotate(q, gk).to(q.dtype)
     K = full_padded(*k, *k_meta)
     V = full_padded(*v, *v_meta)
     hq = q.shape[1]
@@ -219,16 +243,23 @@ def attention(
             q, _repeat_heads(K, hq), _repeat_heads(V, hq), attn_mask=attn_mask, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale,
         )
+    if gv:
+        out = rotate(out, gv).to(out.dtype)
     return out.contiguous()
 
 
 def qk(q: Tensor, k: Tuple[Tensor, Tensor, Tensor, Tensor], k_meta: Tuple[int, ...]) -> Tensor:
-    """q [B, Hq, L, D] @ K^T -> scores [B, Hq, L, T] (eager attention's first matmul)."""
+    """q [B, Hq, L, D] @ K^T -> scores [B, Hq, L, T] (eager attention's first matmul); NFH in its basis."""
+    k, k_meta, gk = in_basis(k, k_meta)
+    if gk:
+        q = rotate(q, gk).to(q.dtype)
     K = _repeat_heads(full_padded(*k, *k_meta), q.shape[1])
     return torch.matmul(q, K.transpose(2, 3)).contiguous()
 
 
 def pv(p: Tensor, v: Tuple[Tensor, Tensor, Tensor, Tensor], v_meta: Tuple[int, ...]) -> Tensor:
-    """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] (eager attention's second matmul)."""
+    """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] (eager attention's second matmul); NFH in its basis."""
+    v, v_meta, gv = in_basis(v, v_meta)
     V = _repeat_heads(full_padded(*v, *v_meta), p.shape[1])
-    return torch.matmul(p, V).contiguous()
+    out = torch.matmul(p, V)
+    return (rotate(out, gv).to(out.dtype) if gv else out).contiguous()

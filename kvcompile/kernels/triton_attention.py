@@ -594,27 +594,19 @@ def _hadamard_block(meta: Sequence[int]) -> int:
     return int(meta[1]) if len(meta) == 5 and int(meta[4]) == NFH and int(meta[0]) < 16 else 0
 
 
-def _rotate(x: Tensor, block: int) -> Tensor:
-    """x @ diag(H_block, H_block, ...) over the last dim (nqkv.fwht), float32."""
-    shape = x.shape
-    return nqkv.fwht(x.float().reshape(*shape[:-1], shape[-1] // block, block)).reshape(shape)
-
-
 def _keys_in_basis(q: Tensor, k_res: Tensor, k_meta: Sequence[int]):
-    """NFH codes are NF codes of each block's transform y = x H (H symmetric, H H = I), and attention
-    can run in that basis: scores q k^T = (q H)(k H)^T, and sum_j p_j v_j = (sum_j p_j (v_j H)) H.
-    So q and the full-precision residuals (a few tokens) are transformed with torch, the kernels read
-    the codes as plain NF, and the output is transformed back when the values are NFH. All of it in
-    float32 (q, residuals and output are small in decode), rounded to q's dtype once at the end, so the
-    transforms add no rounding of their own."""
+    """NFH codes are NF codes of each block's transform (reference.in_basis): attention runs in that
+    basis. q and the full-precision residuals (a few tokens) are transformed with torch, the kernels
+    read the codes as plain NF, and the output is transformed back when the values are NFH. All of it
+    in float32 (q, residuals and output are small in decode), rounded to q's dtype once at the end."""
     g = _hadamard_block(k_meta)
-    return (_rotate(q, g), _rotate(k_res, g), (*k_meta[:4], NF)) if g else (q.float(), k_res.float(), k_meta)
+    return (ref.rotate(q, g), ref.rotate(k_res, g), (*k_meta[:4], NF)) if g else (q.float(), k_res.float(), k_meta)
 
 
 def _values_in_basis(v_res: Tensor, v_meta: Sequence[int]):
     """(v_res, v_meta, block): see _keys_in_basis; block 0 when the values are not NFH."""
     g = _hadamard_block(v_meta)
-    return (_rotate(v_res, g), (*v_meta[:4], NF), g) if g else (v_res.float(), v_meta, 0)
+    return (ref.rotate(v_res, g), (*v_meta[:4], NF), g) if g else (v_res.float(), v_meta, 0)
 
 
 def attention(
@@ -676,7 +668,7 @@ def attention_with_config(
                                     v_meta, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                     scale=scale, num_splits=num_splits, block_n=block_n, num_warps=num_warps,
                                     num_stages=num_stages)
-        return (_rotate(out, gv) if gv else out).to(q.dtype)
+        return (ref.rotate(out, gv) if gv else out).to(q.dtype)
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p must be 0 for the quantized KV attention (inference); got {dropout_p}")
     if is_causal and attn_mask is not None:
@@ -793,7 +785,7 @@ def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
             raise ValueError(f"p and values must have the same dtype; got {p.dtype} and {v_res.dtype}")
         v_res, v_meta, gv = _values_in_basis(v_res, v_meta)
         out = pv(p.float(), v_codes, v_scale, v_mn, v_res, v_meta, num_splits=num_splits, block_n=block_n)
-        return _rotate(out, gv).to(p.dtype)
+        return ref.rotate(out, gv).to(p.dtype)
     B, Hq, L, T = p.shape
     V = _Packed("v", v_codes, v_scale, v_mn, v_res, v_meta, B, Hq)
     if V.ntok != T:

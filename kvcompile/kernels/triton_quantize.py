@@ -1,7 +1,8 @@
-"""Triton twin of `reference.quantize`: asymmetric 2/4-bit group quantization with packing.
+"""Triton twins of `reference.quantize`: `quantize` (KIVI, asymmetric 2/4-bit groups with packing)
+and `quantize_symmetric` (NF 2/3/4-bit, NFH, int8, fp8: one absmax scale per block of one token).
 
-Reads top to bottom: helpers -> token-axis kernel -> channel-axis kernel -> launcher.
-The result is bit for bit that of `reference.quantize` (the test oracle):
+Reads top to bottom: helpers -> KIVI token-axis kernel -> KIVI channel-axis kernel -> symmetric
+kernel -> launchers. Both are bit for bit `reference.quantize` (the test oracle); for KIVI:
 
   mn    = min(x_group)                                     float32, stored in x.dtype (exact)
   scale = div_rn(max(x_group) - mn, 2^bits - 1)            float32, stored in x.dtype (RNE)
