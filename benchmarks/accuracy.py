@@ -39,7 +39,7 @@ from kvcompile.cli import _quiet, add_study_options, split_names  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 DEFAULT_SETTINGS = ("kivi-4,kivi-4-g128,kivi-2,kivi-2-g128,kivi-k4v2-r32,nqkv-4,nqkv-4-b16,nqkv-3,nqkv-2,int8,fp8,"
-                    "nqkv-4-r32,nqkv-4-h,nqkv-4-h-r32,nqkv-3-h-r16,nqkv-3-h-r32,nqkv-k4v2-h-r16,"
+                    "nqkv-4-r32,nqkv-4-h,nqkv-4-h-r32,nqkv-3-h-r8,nqkv-3-h-r16,nqkv-k4v2-h-r16,"
                     "quanto-4,quanto-2,hqq-4,hqq-2")
 
 
@@ -117,7 +117,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2,gemma3", help=f"comma-separated, from: {', '.join(ev.MODELS)}")
     add_study_options(p, settings=DEFAULT_SETTINGS)
-    p.add_argument("--reference", default="kivi-4,kivi-2,nqkv-4,nqkv-3",
+    p.add_argument("--reference", default="kivi-4,kivi-2,nqkv-4,nqkv-3,nqkv-4-h-r32,nqkv-3-h-r16",
                    help="kvquant settings also run through FakeQuantCache (eager reference): comma-separated, "
                         "'all' or 'none'")
     p.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))

@@ -54,8 +54,8 @@ SETTINGS: Dict[str, Optional[dict]] = {
     "nqkv-4-r32": {"method": "nqkv", "bits": 4, "residual_length": 32},
     "nqkv-4-h": {"method": "nqkv", "bits": 4, "hadamard": True},
     "nqkv-4-h-r32": {"method": "nqkv", "bits": 4, "hadamard": True, "residual_length": 32},
+    "nqkv-3-h-r8": {"method": "nqkv", "bits": 3, "hadamard": True, "residual_length": 8},
     "nqkv-3-h-r16": {"method": "nqkv", "bits": 3, "hadamard": True, "residual_length": 16},
-    "nqkv-3-h-r32": {"method": "nqkv", "bits": 3, "hadamard": True, "residual_length": 32},
     "nqkv-k4v2-h-r16": {"method": "nqkv", "k_bits": 4, "v_bits": 2, "hadamard": True, "residual_length": 16},
 }
 
