@@ -53,7 +53,7 @@ CHANNEL_AXIS = ref.CHANNEL_AXIS
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _MASK_NONE, _MASK_ADD, _MASK_BOOL = 0, 1, 2
 # storage formats the kernels read (methods.FORMATS) -> their bits. NFH (nqkv's Hadamard blocks) is read
-# as NF in the transformed basis (_hadamard_basis), so the kernels themselves never see it.
+# as NF in the transformed basis (_keys_in_basis, _values_in_basis): the kernels never see it.
 KERNEL_BITS = {KIVI: (2, 4), NF: (2, 3, 4), INT8: (8,), FP8: (8,)}
 
 

@@ -572,7 +572,7 @@ def quantize_symmetric(
         if group & (group - 1):
             raise ValueError(f"the Hadamard format needs power-of-2 blocks; got group {group}")
         x = nqkv.fwht(x.float().reshape(B, H, N, D // group, group)).reshape(B, H, N, D)
-    mids = nqkv.midpoints(bits, x.device) if fmt in (NF, NFH) else scale  # (a placeholder pointer)
+    mids = nqkv.midpoints(bits, x.device) if fmt in (NF, NFH) else scale  # (else a placeholder)
     block_a, block_g = triton.next_power_of_2(D // group), triton.next_power_of_2(group)
     block_w = triton.next_power_of_2(D // perw)
     block_t = max(1, min(triton.next_power_of_2(N), _TILE_ELEMS // max(block_a * block_g, block_w * perw), 64))

@@ -62,13 +62,16 @@ def _levels64(bits: int) -> Tensor:
     return v / v.max()
 
 
+@functools.lru_cache(maxsize=None)
 def levels(bits: int, device: torch.device | str = "cpu") -> Tensor:
-    """The 2^bits NormalFloat levels, sorted, float32, in [-1, 1] with an exact 0 (see module doc)."""
+    """The 2^bits NormalFloat levels, sorted, float32, in [-1, 1] with an exact 0 (see module doc).
+    Made once per device (no host-to-device copy per decode step): do not modify it."""
     return _levels64(bits).to(device=device, dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def midpoints(bits: int, device: torch.device | str = "cpu") -> Tensor:
-    """The 2^bits - 1 decision boundaries between consecutive levels, float32."""
+    """The 2^bits - 1 decision boundaries between consecutive levels, float32 (made once per device)."""
     lv = levels(bits, device)
     return (lv[:-1] + lv[1:]) / 2
 
