@@ -188,15 +188,20 @@ def rotate(x: Tensor, block: int) -> Tensor:
     return nqkv.fwht(x.float().reshape(*shape[:-1], shape[-1] // block, block)).reshape(shape)
 
 
+def hadamard_block(meta) -> int:
+    """The block size of an NFH cache tensor (nqkv with hadamard=True), 0 for any other."""
+    return int(meta[1]) if len(meta) >= 5 and int(meta[4]) == NFH and int(meta[0]) < 16 else 0
+
+
 def in_basis(t: Tuple[Tensor, Tensor, Tensor, Tensor], meta: Tuple[int, ...]):
     """An NFH cache tensor (nqkv with hadamard=True) seen in its Hadamard basis: (padded tensors, meta,
     block) whose `full_padded` is the cache times H (the NF codes as stored, the residual transformed),
     so attention need not transform the whole cache back every step: q k^T = (q H)(k H)^T and
     sum_j p_j v_j = (sum_j p_j (v_j H)) H, with H symmetric and H H = I. Other tensors: unchanged, 0."""
-    if len(meta) < 5 or meta[4] != NFH or meta[0] >= 16:
+    g = hadamard_block(meta)
+    if not g:
         return t, meta, 0
     codes, scale, mn, res = t
-    g = int(meta[1])
     return (codes, scale, mn, rotate(res, g).to(res.dtype)), (*meta[:4], NF), g
 
 

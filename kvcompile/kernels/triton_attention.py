@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..methods import FP8, INT8, KIVI, NF, NFH, codes_per_word, nqkv
+from ..methods import FP8, INT8, KIVI, NF, codes_per_word, nqkv
 from . import reference as ref
 from .triton_quantize import reduce_max, reduce_sum, round_to_storage
 
@@ -589,23 +589,18 @@ def _expand_mask(attn_mask: Tensor, B: int, Hq: int, L: int, T: int, dtype: torc
     return m, _MASK_ADD
 
 
-def _hadamard_block(meta: Sequence[int]) -> int:
-    """The block size of an NFH cache tensor (nqkv with hadamard=True), 0 for any other."""
-    return int(meta[1]) if len(meta) == 5 and int(meta[4]) == NFH and int(meta[0]) < 16 else 0
-
-
 def _keys_in_basis(q: Tensor, k_res: Tensor, k_meta: Sequence[int]):
     """NFH codes are NF codes of each block's transform (reference.in_basis): attention runs in that
     basis. q and the full-precision residuals (a few tokens) are transformed with torch, the kernels
     read the codes as plain NF, and the output is transformed back when the values are NFH. All of it
     in float32 (q, residuals and output are small in decode), rounded to q's dtype once at the end."""
-    g = _hadamard_block(k_meta)
+    g = ref.hadamard_block(k_meta)
     return (ref.rotate(q, g), ref.rotate(k_res, g), (*k_meta[:4], NF)) if g else (q.float(), k_res.float(), k_meta)
 
 
 def _values_in_basis(v_res: Tensor, v_meta: Sequence[int]):
     """(v_res, v_meta, block): see _keys_in_basis; block 0 when the values are not NFH."""
-    g = _hadamard_block(v_meta)
+    g = ref.hadamard_block(v_meta)
     return (ref.rotate(v_res, g), (*v_meta[:4], NF), g) if g else (v_res.float(), v_meta, 0)
 
 
@@ -658,7 +653,7 @@ def attention_with_config(
     (default by tile size), num_stages (the loop branches on the tile kind, so Triton does not
     pipeline it; kept for experiments)."""
     _check_q(q)
-    if _hadamard_block(k_meta) or _hadamard_block(v_meta):
+    if ref.hadamard_block(k_meta) or ref.hadamard_block(v_meta):
         if k_res.dtype != q.dtype or v_res.dtype != q.dtype:
             raise ValueError(f"q, keys and values must have the same dtype; got {q.dtype}, {k_res.dtype}, "
                              f"{v_res.dtype}")
@@ -744,7 +739,7 @@ def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor,
     """q [B, Hq, L, D] @ K^T -> scores [B, Hq, L, T] in q's dtype, over packed keys with Hkv heads
     (the twin of `reference.qk`). Grid: (B * Hkv * cdiv(T, BLOCK_N), cdiv(Hq / Hkv * L, BLOCK_M))."""
     _check_q(q)
-    if _hadamard_block(k_meta):
+    if ref.hadamard_block(k_meta):
         if k_res.dtype != q.dtype:
             raise ValueError(f"q and keys must have the same dtype; got {q.dtype} and {k_res.dtype}")
         q32, k_res, k_meta = _keys_in_basis(q, k_res, k_meta)
@@ -780,7 +775,7 @@ def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor,
     (the twin of `reference.pv`). Grid: (B * Hkv, num_splits, cdiv(Hq / Hkv * L, BLOCK_M)); with
     several splits the fp32 partial sums are added by torch."""
     _check_q(p, "p")
-    if _hadamard_block(v_meta):
+    if ref.hadamard_block(v_meta):
         if v_res.dtype != p.dtype:
             raise ValueError(f"p and values must have the same dtype; got {p.dtype} and {v_res.dtype}")
         v_res, v_meta, gv = _values_in_basis(v_res, v_meta)

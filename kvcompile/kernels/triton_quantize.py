@@ -391,7 +391,9 @@ def _quantize_symmetric_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_out(out, x: Tensor, bits: int, group: int, axis: int, row: int, srow: int):
+def _check_out(out, x: Tensor, bits: int, group: int, axis: int, row: int, srow: int, mn_width=None):
+    """Raise ValueError unless out = (codes, scale, mn) can take x's N tokens at rows row / srow.
+    mn_width: the width of mn (None: that of scale, KIVI; 0 for the symmetric formats)."""
     B, H, N, D = x.shape
     if len(out) != 3:
         raise ValueError(f"out must be (codes, scale, mn); got {len(out)} tensors")
@@ -400,7 +402,7 @@ def _check_out(out, x: Tensor, bits: int, group: int, axis: int, row: int, srow:
     ns, sw = (N // group, D) if axis == TOKEN_AXIS else (N, D // group)
     for name, t, rows, width, dtype in (("codes", codes, row + N, nby, torch.uint8),
                                         ("scale", scale, srow + ns, sw, x.dtype),
-                                        ("mn", mn, srow + ns, sw, x.dtype)):
+                                        ("mn", mn, srow + ns, sw if mn_width is None else mn_width, x.dtype)):
         if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != width or t.shape[2] < rows:
             raise ValueError(
                 f"out {name} must have shape [{B}, {H}, >= {rows}, {width}] to take {N} tokens at row "
@@ -559,13 +561,9 @@ def quantize_symmetric(
         out = (torch.empty((B, H, N, D * bits // 8), dtype=torch.uint8, device=x.device),
                torch.empty((B, H, N, D // group), dtype=x.dtype, device=x.device),
                torch.empty((B, H, N, 0), dtype=x.dtype, device=x.device))
+    else:
+        _check_out(out, x, bits, group, CHANNEL_AXIS, row, scale_row, mn_width=0)
     codes, scale, mn = out
-    for name, t, rows, width, dtype in (("codes", codes, row + N, D * bits // 8, torch.uint8),
-                                        ("scale", scale, scale_row + N, D // group, x.dtype)):
-        if (t.dim() != 4 or tuple(t.shape[:2]) != (B, H) or t.shape[3] != width or t.shape[2] < rows
-                or t.dtype != dtype or t.device != x.device or t.stride(3) != 1):
-            raise ValueError(f"out {name} must be [{B}, {H}, >= {rows}, {width}] {dtype} on {x.device}, contiguous "
-                             f"along its last dim; got {list(t.shape)} {t.dtype} on {t.device}")
     if B * H * N * D == 0:
         return codes, scale, mn
     if fmt == NFH:
