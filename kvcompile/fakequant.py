@@ -13,6 +13,10 @@ Each layer keeps keys and values as [B, H, T, D] tensors whose oldest `n_q` toke
 dequantized values and the rest the full-precision residual. `update` appends the new tokens,
 returns the cache for attention to read, then quantizes what the method says leaves the residual
 (from the next step on), exactly as the compiled path does.
+
+Sliding-window layers (FakeQuantSlidingLayer) do what transformers' DynamicSlidingWindowLayer does,
+then the same: the tokens that leave the window are forgotten, quantized or not, and the tokens kept
+keep their values (a KIVI key group that loses its oldest tokens keeps its scale).
 """
 
 from __future__ import annotations
@@ -21,16 +25,17 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .config import Config
 from .kernels import reference as ref
 from .methods import Layout, layouts
 
 
-class FakeQuantLayer(DynamicLayer):
-    def __init__(self, config: Config) -> None:
-        super().__init__()
+class _FakeQuant:
+    """The bookkeeping shared by full and sliding layers: `n_q[role]` oldest tokens hold dequantized values."""
+
+    def _setup(self, config: Config) -> None:
         self.config = config
         self.n_q = {"k": 0, "v": 0}
 
@@ -45,11 +50,14 @@ class FakeQuantLayer(DynamicLayer):
         self.n_q[layout.role] = n_q + n
         return torch.cat([x[:, :, :n_q], deq, x[:, :, n_q + n:]], dim=2)
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+    def _update(self, update, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
+        before = self.keys.shape[-2] if self.is_initialized else 0
+        keys, values = update(key_states, value_states, *args, **kwargs)
+        dropped = before + key_states.shape[-2] - self.keys.shape[-2]  # left a sliding window
+        self.n_q = {r: max(n - dropped, 0) for r, n in self.n_q.items()}
         k_layout, v_layout = layouts(self.config, key_states.shape[-1])
-        self.keys = self._compact(keys, k_layout)
-        self.values = self._compact(values, v_layout)
+        self.keys = self._compact(self.keys, k_layout)
+        self.values = self._compact(self.values, v_layout)
         return keys, values  # attention reads the cache before this step's quantization
 
     def reset(self) -> None:
@@ -60,11 +68,30 @@ class FakeQuantLayer(DynamicLayer):
         raise NotImplementedError("FakeQuantCache does not support crop")
 
 
+class FakeQuantLayer(_FakeQuant, DynamicLayer):
+    def __init__(self, config: Config) -> None:
+        DynamicLayer.__init__(self)
+        self._setup(config)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+        return self._update(super().update, key_states, value_states, *args, **kwargs)
+
+
+class FakeQuantSlidingLayer(_FakeQuant, DynamicSlidingWindowLayer):
+    def __init__(self, config: Config, sliding_window: int, **kwargs: Any) -> None:
+        DynamicSlidingWindowLayer.__init__(self, sliding_window=sliding_window, **kwargs)
+        self._setup(config)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+        return self._update(super().update, key_states, value_states, *args, **kwargs)
+
+
 class FakeQuantCache(DynamicCache):
     """A DynamicCache whose layers apply `config`'s quantization in fake-quant form (see module doc).
 
-    With `model_config`, the layers follow the model's layer types as DynamicCache(config=...) does;
-    sliding-window layers then stay in full precision, as the backend leaves them (README)."""
+    With `model_config`, the layers follow the model's layer types as DynamicCache(config=...) does:
+    sliding-window layers are FakeQuantSlidingLayer; other kinds (e.g. chunked attention) stay full
+    precision, as the backend leaves them (README)."""
 
     def __init__(self, config: Config, model_config: Optional[Any] = None) -> None:
         if model_config is None:
@@ -73,6 +100,8 @@ class FakeQuantCache(DynamicCache):
         from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
 
         types, kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
-        layers = [FakeQuantLayer(config) if DYNAMIC_LAYER_TYPE_MAPPING[t] is DynamicLayer
-                  else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw) for t, kw in zip(types, kwargs)]
+        kinds = {DynamicLayer: lambda **kw: FakeQuantLayer(config),
+                 DynamicSlidingWindowLayer: lambda **kw: FakeQuantSlidingLayer(config, **kw)}
+        layers = [kinds.get(DYNAMIC_LAYER_TYPE_MAPPING[t], DYNAMIC_LAYER_TYPE_MAPPING[t])(**kw)
+                  for t, kw in zip(types, kwargs)]
         Cache.__init__(self, layers=layers)

@@ -40,12 +40,26 @@ def use_triton(t: Tensor, *formats: int) -> bool:
 def _count(name: str) -> None:
     counters["kvquant"][name] += 1
 
-# `meta` below: (bits, group, axis, nq, fmt) of a cache tensor, nq = tokens held by the packed storage,
-# fmt its storage format (methods.FORMATS); a 4-element meta means KIVI.
+# `meta` below: (bits, group, axis, nq, fmt[, skip]) of a cache tensor, nq = tokens held by the packed
+# storage, fmt its storage format (methods.FORMATS), skip how many of those nq a sliding window has
+# dropped (they are not part of the cache; 0 if absent); a 4-element meta means KIVI.
 
 
 def _fmt(meta: List[int]) -> int:
     return int(meta[4]) if len(meta) > 4 else KIVI
+
+
+def _skip(meta: List[int]):
+    return meta[5] if len(meta) > 5 else 0
+
+
+def _kernel_meta(*metas: List[int]) -> Optional[List[List[int]]]:
+    """The metas as the Triton kernels take them, or None if the kernels cannot read these tensors:
+    a format they do not know, or dropped rows at the start of the packed storage (sliding-window
+    layers once the window is full: the torch reference reads those)."""
+    if any(int(_skip(m)) for m in metas):
+        return None
+    return [list(m[:5]) for m in metas]
 
 
 def _mn_width(D: int, group: int, axis: int, fmt: int) -> int:
@@ -113,18 +127,20 @@ def _compact_fake(codes, scale, mn, res, nq, method, bits, group, axis, residual
 
 
 @torch.library.custom_op("kvquant::grow", mutates_args=())
-def grow(codes: Tensor, scale: Tensor, mn: Tensor, nq: int, capacity: int, group: int, axis: int
+def grow(codes: Tensor, scale: Tensor, mn: Tensor, nq: int, capacity: int, group: int, axis: int, start: int = 0
          ) -> Tuple[Tensor, Tensor, Tensor]:
-    """New packed storage with room for `capacity` tokens, holding the first `nq` tokens of the old."""
-    out = _grow_fake(codes, scale, mn, nq, capacity, group, axis)
-    for new, old, rows in zip(out, (codes, scale, mn), (nq, _scale_rows(nq, group, axis), _scale_rows(nq, group, axis))):
+    """New packed storage with room for `capacity` tokens, holding tokens [start, nq) of the old (a
+    sliding window frees the rows of tokens it dropped; `start` covers whole scale rows)."""
+    out = _grow_fake(codes, scale, mn, nq, capacity, group, axis, start)
+    r0, r1 = _scale_rows(start, group, axis), _scale_rows(nq, group, axis)
+    for new, old, a, b in zip(out, (codes, scale, mn), (start, r0, r0), (nq, r1, r1)):
         new.zero_()
-        new[:, :, :ref.PAD + rows] = old[:, :, :ref.PAD + rows]
+        new[:, :, ref.PAD:ref.PAD + b - a] = old[:, :, ref.PAD + a:ref.PAD + b]
     return out
 
 
 @grow.register_fake
-def _grow_fake(codes, scale, mn, nq, capacity, group, axis):
+def _grow_fake(codes, scale, mn, nq, capacity, group, axis, start=0):
     B, H = codes.shape[:2]
     rows = ref.PAD + _scale_rows(capacity, group, axis)
     return (
@@ -148,7 +164,7 @@ def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, meta: List
 @dequantize.register_fake
 def _dequantize_fake(codes, scale, mn, res, meta) -> Tensor:
     B, H, Nr, D = res.shape
-    return res.new_empty((B, H, meta[3] + Nr - ref.PAD, D))
+    return res.new_empty((B, H, meta[3] - _skip(meta) + Nr - ref.PAD, D))
 
 
 @torch.library.custom_op("kvquant::append", mutates_args=())
@@ -173,12 +189,13 @@ def attention(
 ) -> Tensor:
     """SDPA of q [B, Hq, L, D] over packed K/V with Hkv heads -> [B, Hq, L, Dv]. `enable_gqa` says how
     the replaced SDPA call saw the heads; the reference follows it so that method "none" is exact."""
-    if use_triton(q, _fmt(k_meta), _fmt(v_meta)) and dropout_p == 0.0:
+    kmeta = _kernel_meta(k_meta, v_meta)
+    if kmeta and use_triton(q, _fmt(k_meta), _fmt(v_meta)) and dropout_p == 0.0:
         from .kernels import triton_attention
 
         _count("triton_attention_calls")
         return triton_attention.attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res,
-                                          list(k_meta), list(v_meta), attn_mask=attn_mask,
+                                          *kmeta, attn_mask=attn_mask,
                                           is_causal=is_causal, scale=scale)
     return ref.attention(
         q, (k_codes, k_scale, k_mn, k_res), (v_codes, v_scale, v_mn, v_res), tuple(k_meta), tuple(v_meta),
@@ -196,28 +213,30 @@ def _attention_fake(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_
 @torch.library.custom_op("kvquant::qk", mutates_args=())
 def qk(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_mn: Tensor, k_res: Tensor, k_meta: List[int]) -> Tensor:
     """q [B, Hq, L, D] @ K^T -> [B, Hq, L, T] over packed keys with Hkv heads."""
-    if use_triton(q, _fmt(k_meta)):
+    kmeta = _kernel_meta(k_meta)
+    if kmeta and use_triton(q, _fmt(k_meta)):
         from .kernels import triton_attention
 
         _count("triton_qk_calls")
-        return triton_attention.qk(q, k_codes, k_scale, k_mn, k_res, list(k_meta))
+        return triton_attention.qk(q, k_codes, k_scale, k_mn, k_res, *kmeta)
     return ref.qk(q, (k_codes, k_scale, k_mn, k_res), tuple(k_meta))
 
 
 @qk.register_fake
 def _qk_fake(q, k_codes, k_scale, k_mn, k_res, k_meta) -> Tensor:
     B, Hq, L, _ = q.shape
-    return q.new_empty((B, Hq, L, k_meta[3] + k_res.shape[2] - ref.PAD))
+    return q.new_empty((B, Hq, L, k_meta[3] - _skip(k_meta) + k_res.shape[2] - ref.PAD))
 
 
 @torch.library.custom_op("kvquant::pv", mutates_args=())
 def pv(p: Tensor, v_codes: Tensor, v_scale: Tensor, v_mn: Tensor, v_res: Tensor, v_meta: List[int]) -> Tensor:
     """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] over packed values with Hkv heads."""
-    if use_triton(p, _fmt(v_meta)):
+    kmeta = _kernel_meta(v_meta)
+    if kmeta and use_triton(p, _fmt(v_meta)):
         from .kernels import triton_attention
 
         _count("triton_pv_calls")
-        return triton_attention.pv(p, v_codes, v_scale, v_mn, v_res, list(v_meta))
+        return triton_attention.pv(p, v_codes, v_scale, v_mn, v_res, *kmeta)
     return ref.pv(p, (v_codes, v_scale, v_mn, v_res), tuple(v_meta))
 
 

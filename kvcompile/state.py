@@ -16,6 +16,13 @@ within a few percent of the packed size. A state is an append-only buffer: the s
 stays valid (its Nq rows are never rewritten), but two continuations of one state would write the
 same spare rows, so branch from a `clone()`.
 
+A sliding-window layer's state (Layout.window) also carries `skip`, an empty [PAD + S, 0] tensor whose
+size S counts the oldest packed rows the window has dropped: rows are freed in place of nothing (that
+would rewrite storage a previous step may still read), but skipped by every read and left behind when
+the storage is next reallocated (kv_compact), so the bytes held stay those of the window plus the few
+percent of spare rows. T = Nq - S + Nr. A size rather than a number, so that Dynamo sees it as a
+dynamic size like the others (the ops get it as the 6th element of their meta).
+
 Each is stored with PAD (= 2) unused leading rows along dim 2 (kernels/reference.py: PAD). Dynamo
 specializes input sizes 0 and 1 and would compile a new graph each time a residual empties after a
 flush; with the pad no dynamic size is ever below 2, and a generation compiles a small, bounded
@@ -53,42 +60,59 @@ class KVState(Tensor):
 
     @staticmethod
     def __new__(cls, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: Layout,
-                outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None) -> "KVState":
+                outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None,
+                skip: Optional[Tensor] = None) -> "KVState":
         if outer_size is None:  # no spare capacity
             B, H, Nr, D = res.shape
-            outer_size = (B, H, codes.shape[2] + Nr - 2 * ref.PAD, D)
+            dropped = skip.shape[0] - ref.PAD if skip is not None else 0
+            outer_size = (B, H, codes.shape[2] - dropped + Nr - 2 * ref.PAD, D)
         return Tensor._make_wrapper_subclass(
             cls, outer_size, strides=outer_stride, dtype=res.dtype, device=res.device, requires_grad=False
         )
 
     def __init__(self, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: Layout,
-                 outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None) -> None:
+                 outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None,
+                 skip: Optional[Tensor] = None) -> None:
+        if layout.window and skip is None:
+            skip = codes.new_empty((ref.PAD, 0))
+        if not layout.window and skip is not None:
+            raise ValueError("kvcompile: only a sliding-window layout has dropped rows (skip)")
         self.codes, self.scale, self.mn, self.res, self.kv_layout = codes, scale, mn, res, layout
+        self.skip = skip
         # Token counts grow every step: tell Dynamo up front, so the first decode graph is already
         # dynamic in them instead of recompiling once per inner size as each first changes.
         for t in (self, codes, scale, mn, res):
             torch._dynamo.maybe_mark_dynamic(t, 2)
+        if skip is not None:
+            torch._dynamo.maybe_mark_dynamic(skip, 0)
 
     def __tensor_flatten__(self):
-        return ["codes", "scale", "mn", "res"], self.kv_layout
+        return _NAMES + (("skip",) if self.kv_layout.window else ()), self.kv_layout
 
     @staticmethod
     def __tensor_unflatten__(inner: dict, layout: Layout, outer_size, outer_stride) -> "KVState":
-        return KVState(inner["codes"], inner["scale"], inner["mn"], inner["res"], layout, outer_size, outer_stride)
+        return KVState(inner["codes"], inner["scale"], inner["mn"], inner["res"], layout, outer_size, outer_stride,
+                       inner.get("skip"))
 
     def __repr__(self) -> str:  # never dequantizes
         lay = self.kv_layout
         return (
             f"KVState(method={lay.method!r}, role={lay.role!r}, bits={lay.bits}, shape={tuple(self.shape)}, "
-            f"dtype={self.dtype}, quantized_tokens={self.n_quantized}, "
+            f"dtype={self.dtype}, quantized_tokens={self.n_quantized - self.n_skip}, "
             f"residual_tokens={self.res.shape[2] - ref.PAD}, capacity={self.codes.shape[2] - ref.PAD}, "
-            f"nbytes={self.packed_nbytes()})"
+            + (f"window={lay.window}, dropped_rows={self.n_skip}, " if lay.window else "")
+            + f"nbytes={self.packed_nbytes()})"
         )
 
     @property
+    def n_skip(self):
+        """S, the oldest packed rows a sliding window has dropped (0 for other layers; a SymInt under tracing)."""
+        return self.skip.shape[0] - ref.PAD if self.skip is not None else 0
+
+    @property
     def n_quantized(self):
-        """Nq, the tokens held by the packed storage (a SymInt under tracing)."""
-        return self.shape[2] - (self.res.shape[2] - ref.PAD)
+        """Nq, the rows of packed storage in use, S dropped ones included (a SymInt under tracing)."""
+        return self.shape[2] + self.n_skip - (self.res.shape[2] - ref.PAD)
 
     def packed_nbytes(self) -> int:
         """Bytes the state really holds: codes + scales + minimums (spare rows included) + residual."""
@@ -100,7 +124,8 @@ class KVState(Tensor):
 
     def _map(self, fn) -> "KVState":
         out = [fn(t) for t in (self.codes, self.scale, self.mn, self.res)]
-        return KVState(*out, self.kv_layout, outer_size=(out[3].shape[0], *self.shape[1:]))
+        return KVState(*out, self.kv_layout, outer_size=(out[3].shape[0], *self.shape[1:]), skip=_carrier(out[0], self.n_skip)
+                       if self.skip is not None else None)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -151,7 +176,15 @@ def _copy_(dst: KVState, src: Any, non_blocking: bool = False) -> Any:
 
 
 def _inner(s: KVState) -> tuple:
-    return s.codes, s.scale, s.mn, s.res
+    return (s.codes, s.scale, s.mn, s.res) + ((s.skip,) if s.skip is not None else ())
+
+
+_NAMES = ("codes", "scale", "mn", "res")
+
+
+def _carrier(like: Tensor, skip) -> Tensor:
+    """The empty tensor whose size carries S (see the module doc)."""
+    return like.new_empty((ref.PAD + skip, 0))
 
 
 _HANDLERS = {
@@ -180,18 +213,35 @@ def _empty_packed(like: Tensor, layout: Layout, B, H, D) -> tuple:
 def kv_compact(s: KVState) -> KVState:
     """Quantize the residual tokens the method no longer keeps in full precision, in place in the
     packed storage (grown first if it has no room: a shape branch, so growing steps run a graph of
-    their own)."""
+    their own; a sliding window's dropped rows are left behind then)."""
     lay = s.kv_layout
     if not lay.quantized:
         return s
-    nq = s.n_quantized
+    nq, skip = s.n_quantized, s.n_skip
     need = nq + lay.n_quantize(s.res.shape[2] - ref.PAD)
     codes, scale, mn = s.codes, s.scale, s.mn
     if need > codes.shape[2] - ref.PAD:
-        codes, scale, mn = ops.grow(codes, scale, mn, nq, lay.capacity(need), lay.group, lay.axis)
+        start = (skip // lay.drop_quantum) * lay.drop_quantum if lay.window else 0
+        codes, scale, mn = ops.grow(codes, scale, mn, nq, lay.capacity(need - start), lay.group, lay.axis, start)
+        nq, skip = nq - start, skip - start
     res = ops.compact_(codes, scale, mn, s.res, nq, lay.method, lay.bits, lay.group, lay.axis, lay.residual,
                       lay.fmt)
-    return KVState(codes, scale, mn, res, lay, outer_size=s.shape)
+    return KVState(codes, scale, mn, res, lay, outer_size=s.shape,
+                   skip=_carrier(codes, skip) if lay.window else None)
+
+
+def kv_window(s: KVState, start: int) -> KVState:
+    """`s[:, :, start:]` of a sliding-window layer's state (`start` < 0: keep the newest -start tokens):
+    the oldest tokens are dropped, from the packed rows first (counted in S, see the module doc), then
+    from the residual. Nothing is requantized: the tokens kept are those of `s`, bit for bit."""
+    B, H, T, D = s.shape
+    drop = torch.sym_max(T + start, 0) if start < 0 else torch.sym_min(start, T)
+    from_packed = torch.sym_min(drop, s.n_quantized - s.n_skip)
+    from_res = drop - from_packed
+    # no branch on from_res > 0 (a guard, so another graph): the residual is copied, a few rows
+    res = torch.cat([s.res[:, :, :ref.PAD], s.res[:, :, ref.PAD + from_res:]], dim=2)
+    return KVState(s.codes, s.scale, s.mn, res, s.kv_layout, outer_size=(B, H, T - drop, D),
+                   skip=_carrier(s.codes, s.n_skip + from_packed))
 
 
 def kv_store(full: Tensor, layout: tuple) -> KVState:
@@ -206,13 +256,13 @@ def kv_append(past: KVState, new: Tensor) -> KVState:
     """Append new tokens [B, H, L, D] to the full-precision residual (lossless, no compaction)."""
     B, H, T, D = past.shape
     return KVState(past.codes, past.scale, past.mn, ops.append(past.res, new), past.kv_layout,
-                   outer_size=(B, H, T + new.shape[2], D))
+                   outer_size=(B, H, T + new.shape[2], D), skip=past.skip)
 
 
 def _meta(s: KVState) -> list:
-    """The ops' meta: (bits, group, axis, nq, fmt)."""
+    """The ops' meta: (bits, group, axis, nq, fmt), and S for a sliding-window layer (ops.py)."""
     lay = s.kv_layout
-    return [lay.bits, lay.group, lay.axis, s.n_quantized, lay.fmt]
+    return [lay.bits, lay.group, lay.axis, s.n_quantized, lay.fmt] + ([s.n_skip] if lay.window else [])
 
 
 def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Tensor] = None,

@@ -29,7 +29,7 @@ def tiny(arch: str, attn: str = "sdpa", heads: int = 4, kv_heads: int = 2, head_
         cfg = cls[0](hidden_size=heads * head_dim, intermediate_size=64, num_key_value_heads=kv_heads,
                      head_dim=head_dim, max_position_embeddings=512, **common)
         if arch == "mistral":
-            cfg.sliding_window = None  # sliding-window cache layers are not quantized yet (README)
+            cfg.sliding_window = None  # full-attention layers here; tests/test_sliding.py has the sliding ones
         model = cls[1](cfg)
     model.config._attn_implementation = attn
     # reduce the chance that two random logits tie under argmax (generate comparisons)

@@ -103,20 +103,6 @@ def test_attention_without_cache_warns_and_runs():
     assert torch.equal(got, model(ids, use_cache=False).logits)
 
 
-def test_sliding_window_layer_is_left_alone_with_the_reason():
-    from transformers import DynamicCache, MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=8, sliding_window=6)
-    model = MistralForCausalLM(cfg).eval()
-    ids = torch.randint(0, 64, (1, 12))
-    f = torch.compile(model, backend="kvquant", options=dict(compiler="eager", group_size=4, residual_length=8))
-    with pytest.warns(KVQuantWarning, match="sliding-window"):
-        got = f(ids, past_key_values=DynamicCache(config=cfg), use_cache=True).logits
-    assert torch.equal(got, model(ids, past_key_values=DynamicCache(config=cfg), use_cache=True).logits)
-
-
 def test_static_cache_runs_unquantized_with_a_warning():
     from models import tiny
 

@@ -16,8 +16,8 @@ import torch
 
 FAMILIES = {  # model_type -> config overrides on top of COMMON
     "llama": {}, "mistral": {}, "mixtral": dict(num_local_experts=2, num_experts_per_tok=1), "qwen2": {},
-    "qwen3": {}, "gemma": {}, "gemma2": dict(sliding_window=4),  # soft-capping, sliding + global layers
-    "gemma3_text": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "qwen3": {}, "gemma": {}, "gemma2": dict(sliding_window=12),  # soft-capping, sliding + global layers
+    "gemma3_text": dict(sliding_window=12, layer_types=["sliding_attention", "full_attention"]),
     "phi3": {}, "gpt2": {}, "gpt_neox": dict(rotary_pct=0.5),  # partial rotary
     "gptj": dict(rotary_dim=4), "gpt_bigcode": dict(multi_query=True), "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, head_dim=None), "starcoder2": {}, "olmo2": {},
@@ -89,7 +89,7 @@ def _teacher_forced(model, ids, cache, prefill=5):
 
 def run(family: str, attn: str, steps: int = 15, check_none: bool = True) -> Result:
     """Compile the family's tiny model with kivi (compiler eager) and compare with the eager reference
-    (FakeQuantCache, whose sliding layers stay full precision like the backend's); with `check_none`,
+    (FakeQuantCache with the model's layer types, sliding-window layers included); with `check_none`,
     also compare method none with the uncompiled model."""
     import kvcompile
     from kvcompile import Config

@@ -163,13 +163,15 @@ def used_rows(codes: Tensor, scale: Tensor, mn: Tensor, group: int, axis: int, n
 
 
 def full_padded(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int,
-                nq=None, fmt: int = KIVI) -> Tensor:
-    """The whole cache [B, H, Nq + Nr, D] from padded inner tensors: dequantized tokens, then the residual.
-    `nq`: how many tokens the packed storage holds (None: all its rows, no spare capacity); `fmt`: the
-    storage format. Takes `*meta` after the tensors."""
+                nq=None, fmt: int = KIVI, skip=0) -> Tensor:
+    """The whole cache [B, H, Nq - skip + Nr, D] from padded inner tensors: dequantized tokens, then the
+    residual. `nq`: how many tokens the packed storage holds (None: all its rows, no spare capacity);
+    `fmt`: the storage format; `skip`: how many of the nq a sliding window has dropped. Takes `*meta`
+    after the tensors."""
     if nq is not None:
         codes, scale, mn = used_rows(codes, scale, mn, group, axis, nq)
-    return full(unpad(codes), unpad(scale), unpad(mn), unpad(res), bits, group, axis, fmt)
+    x = full(unpad(codes), unpad(scale), unpad(mn), unpad(res), bits, group, axis, fmt)
+    return x[:, :, skip:].contiguous() if skip else x
 
 
 def full(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int,
@@ -202,7 +204,7 @@ def in_basis(t: Tuple[Tensor, Tensor, Tensor, Tensor], meta: Tuple[int, ...]):
     if not g:
         return t, meta, 0
     codes, scale, mn, res = t
-    return (codes, scale, mn, rotate(res, g).to(res.dtype)), (*meta[:4], NF), g
+    return (codes, scale, mn, rotate(res, g).to(res.dtype)), (*meta[:4], NF, *meta[5:]), g
 
 
 def _repeat_heads(x: Tensor, hq: int) -> Tensor:

@@ -51,6 +51,7 @@ class Layout:
     axis: int  # TOKEN_AXIS or CHANNEL_AXIS
     residual: int  # R: full-precision window length
     hadamard: bool = False  # nqkv: blocks are quantized in the Hadamard basis (storage format NFH)
+    window: bool = False  # a sliding-window cache layer: the state drops its oldest tokens (state.kv_window)
 
     @property
     def quantized(self) -> bool:
@@ -71,6 +72,11 @@ class Layout:
             return kivi.n_quantize(self, n_res)
         # nqkv, int8, fp8 (per-token groups): everything older than the newest R tokens (all if R = 0)
         return torch.sym_max(n_res - self.residual, 0)
+
+    @property
+    def drop_quantum(self) -> int:
+        """Packed rows are freed in multiples of this (keys grouped along tokens: whole scale rows)."""
+        return self.group if self.axis == TOKEN_AXIS else 1
 
     def capacity(self, need: SymInt) -> SymInt:
         """Tokens of packed storage to allocate when `need` do not fit: need plus 1/64 (so the bytes

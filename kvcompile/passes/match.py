@@ -13,6 +13,10 @@ have no other users. The tokens appended must be the attention's queries (self-a
 encoder-decoder's cross-attention appends the encoder's tokens and is left alone). Anything else
 leaves the update alone, with the reason recorded.
 
+A sliding-window cache layer returns only the newest tokens of the `cat`: `cat[:, :, start:]`
+(transformers' DynamicSlidingWindowLayer: start = -(window - 1)) is the graph output, while attention
+reads the whole `cat`. It is matched the same way, with the slice recorded (`window`).
+
 A cache created without a cat (a hand-written decoder's first call returns its K and V as they are)
 is matched the same way: a returned 4-D tensor whose every use is one of the above.
 """
@@ -72,6 +76,8 @@ class CacheUpdate:
     uses: List[Use] = field(default_factory=list)
     size_uses: List[fx.Node] = field(default_factory=list)
     reason: Optional[str] = None  # why it is left alone; None if matched
+    window: Optional[fx.Node] = None  # sliding window: the returned `cat[:, :, start:]`
+    window_start: int = 0
 
     @property
     def matched(self) -> bool:
@@ -127,6 +133,8 @@ def _repeat_kv_end(node: fx.Node) -> Optional[fx.Node]:
 def _classify_users(src: fx.Node, upd: CacheUpdate, top: bool) -> Optional[str]:
     """Record the attention uses of `src` in `upd`; return a reason if a use is not understood."""
     for user in src.users:
+        if top and user is upd.window:
+            continue
         if user.op == "output":
             if not top:
                 return f"the repeated heads {describe(src)} are a graph output"
@@ -185,6 +193,20 @@ def _cache_update(node: fx.Node) -> Optional[CacheUpdate]:
     return CacheUpdate(node, past, new)
 
 
+def _window_start(node: fx.Node, cat: fx.Node) -> Optional[int]:
+    """`start` if `node` is `cat[:, :, start:]` (optionally `, :]` or `...`) with a constant start."""
+    if not (_is_call(node, fns={operator.getitem}) and node.args[0] is cat and isinstance(node.args[1], tuple)):
+        return None
+    idx = node.args[1]
+    full = slice(None, None, None)
+    if len(idx) < 3 or idx[0] != full or idx[1] != full or not all(i == full or i is Ellipsis for i in idx[3:]):
+        return None
+    cut = idx[2]
+    if not (isinstance(cut, slice) and isinstance(cut.start, int) and cut.stop is None and cut.step in (None, 1)):
+        return None
+    return cut.start
+
+
 def _fresh_cache(node: fx.Node) -> Optional[CacheUpdate]:
     """A first-call cache with no cat (e.g. a hand-written decoder's prefill returns its K and V):
     a computed 4-D tensor that is returned and read by attention. Only kept if fully matched."""
@@ -213,12 +235,17 @@ def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
             continue
         updates.append(upd)
         if not any(u.op == "output" for u in node.users):
-            if any(_is_call(u, fns={operator.getitem}) and any(v.op == "output" for v in u.users) for u in node.users):
-                upd.reason = ("only a slice of it is returned (a sliding-window cache layer), which kvcompile "
-                              "does not quantize yet")
+            window = [u for u in node.users if _window_start(u, node) is not None]
+            if len(window) == 1 and all(v.op == "output" for v in window[0].users):
+                upd.window, upd.window_start = window[0], _window_start(window[0], node)
+            elif any(_is_call(u, fns={operator.getitem}) and any(v.op == "output" for v in u.users)
+                     for u in node.users):
+                upd.reason = ("only a slice of it is returned, and not its newest tokens along the sequence "
+                              "axis (`cache[:, :, start:]`, as a sliding-window cache layer keeps)")
+                continue
             else:
                 upd.reason = "its result is not a graph output, so it is not a cache that outlives the call"
-            continue
+                continue
         upd.reason = _classify_users(node, upd, top=True)
         if upd.reason is None and not upd.uses:
             upd.reason = "no attention op reads it"

@@ -9,6 +9,10 @@ Decode (the past is a KVState graph input):
     attention over cat           -> kv_sdpa / kv_qk / kv_pv over s1 (reads the packed state)
     graph output cat             -> s2 = kv_compact(s1)           (quantize what leaves the window)
     size queries of cat          -> the same queries of s1 (same logical shape)
+
+A sliding-window layer returns `cat[:, :, start:]` instead of `cat` (match.py): prefill stores that
+slice, `kv_store(cat[:, :, start:])`; decode returns `kv_compact(kv_window(s1, start))`, the order
+of transformers' own layer (slice, then the cache's bookkeeping).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch._dynamo.utils import counters
 from ..config import Config
 from ..methods import layouts
 from ..report import Entry, GraphReport, KVQuantWarning, log, new_report
-from ..state import KVState, kv_append, kv_compact, kv_pv, kv_qk, kv_sdpa, kv_store
+from ..state import KVState, kv_append, kv_compact, kv_pv, kv_qk, kv_sdpa, kv_store, kv_window
 from .match import CacheUpdate, _strip_repeat, count_attention_ops, describe, find_cache_updates, sdpa_args, val
 
 _ROLE = {"k": "keys", "v": "values"}
@@ -64,21 +68,29 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
         head_dim = val(upd.cat).shape[-1]
         k_layout, v_layout = layouts(config, int(head_dim))
         layout = k_layout if upd.role == "k" else v_layout
+        returned = upd.cat if upd.window is None else upd.window  # the graph output the cache keeps
+        where = "" if upd.window is None else f", sliding window: keeps cat[:, :, {upd.window_start}:]"
+        if upd.window is not None:
+            layout = dataclasses.replace(layout, window=True)
         if upd.past is not None and isinstance(val(upd.past), KVState):
             with graph.inserting_after(upd.cat):
                 s1 = graph.call_function(kv_append, (upd.past, upd.new))
-            with graph.inserting_after(s1):
-                s2 = graph.call_function(kv_compact, (s1,))
-            output.replace_input_with(upd.cat, s2)
+            last = s1
+            if upd.window is not None:
+                with graph.inserting_after(last):
+                    last = graph.call_function(kv_window, (s1, upd.window_start))
+            with graph.inserting_after(last):
+                s2 = graph.call_function(kv_compact, (last,))
+            output.replace_input_with(returned, s2)
             for n in upd.size_uses:
                 n.replace_input_with(upd.cat, s1)
             states[upd.cat] = s1
-            entries[upd.cat] = Entry(upd.cat.name, _ROLE[upd.role], "quantized (decode: fused attention)")
+            entries[upd.cat] = Entry(upd.cat.name, _ROLE[upd.role], f"quantized (decode: fused attention{where})")
         else:
-            with graph.inserting_after(upd.cat):
-                st = graph.call_function(kv_store, (upd.cat, dataclasses.astuple(layout)))
-            output.replace_input_with(upd.cat, st)
-            entries[upd.cat] = Entry(upd.cat.name, _ROLE[upd.role], "quantized (prefill: stored)")
+            with graph.inserting_after(returned):
+                st = graph.call_function(kv_store, (returned, dataclasses.astuple(layout)))
+            output.replace_input_with(returned, st)
+            entries[upd.cat] = Entry(upd.cat.name, _ROLE[upd.role], f"quantized (prefill: stored{where})")
         counters["kvquant"]["cache_updates_quantized"] += 1
 
     done = set()
