@@ -17,6 +17,9 @@ returns the cache for attention to read, then quantizes what the method says lea
 Sliding-window layers (FakeQuantSlidingLayer) do what transformers' DynamicSlidingWindowLayer does,
 then the same: the tokens that leave the window are forgotten, quantized or not, and the tokens kept
 keep their values (a KIVI key group that loses its oldest tokens keeps its scale).
+
+FakeQuantStaticCache is the oracle for StaticCache (a fixed buffer written in place): every token is
+quantized as it is written, and attention reads the buffer, this step's tokens included, quantized.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticCache, StaticLayer
 
 from .config import Config
 from .kernels import reference as ref
-from .methods import Layout, layouts
+from .methods import Layout, layouts, static_reason
 
 
 class _FakeQuant:
@@ -105,3 +108,30 @@ class FakeQuantCache(DynamicCache):
         layers = [kinds.get(DYNAMIC_LAYER_TYPE_MAPPING[t], DYNAMIC_LAYER_TYPE_MAPPING[t])(**kw)
                   for t, kw in zip(types, kwargs)]
         Cache.__init__(self, layers=layers)
+
+
+class FakeQuantStaticLayer(StaticLayer):
+    """A StaticLayer that writes each token quantized-dequantized (per token, as the compiled path's
+    kv_static_write does)."""
+
+    def __init__(self, config: Config, max_cache_len: int, **kwargs: Any) -> None:
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+        self.config = config
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+        both = layouts(self.config, key_states.shape[-1])
+        reason = static_reason(self.config, both)
+        if reason:
+            raise ValueError(f"kvcompile: a static cache cannot be stored with these options: {reason}")
+        fake = [ref.dequantize(*ref.quantize(x, lay.bits, lay.group, lay.axis, lay.fmt), lay.bits, lay.group, lay.axis,
+                               x.shape[-1], lay.fmt) for x, lay in zip((key_states, value_states), both)]
+        return super().update(*fake, *args, **kwargs)
+
+
+class FakeQuantStaticCache(StaticCache):
+    """A StaticCache whose full-attention layers are FakeQuantStaticLayer (others unchanged)."""
+
+    def __init__(self, config: Config, model_config: Any, max_cache_len: int, **kwargs: Any) -> None:
+        super().__init__(model_config, max_cache_len, **kwargs)
+        self.layers = [FakeQuantStaticLayer(config, max_cache_len) if type(layer) is StaticLayer else layer
+                       for layer in self.layers]

@@ -126,6 +126,22 @@ def _compact_fake(codes, scale, mn, res, nq, method, bits, group, axis, residual
     return res.new_empty((B, H, Nr - n, D))
 
 
+@torch.library.custom_op("kvquant::write_", mutates_args=("codes", "scale", "mn"))
+def write_(codes: Tensor, scale: Tensor, mn: Tensor, new: Tensor, pos: Tensor, bits: int, group: int, fmt: int) -> None:
+    """Quantize tokens new [B, H, L, D] one by one (groups along the channels) and write them at token
+    positions `pos` [L] of the packed storage, in place (a fixed-size buffer: StaticCache)."""
+    c, s, m = ref.quantize(new.to(scale.dtype), bits, group, ref.CHANNEL_AXIS, fmt)
+    idx = pos.to(codes.device) + ref.PAD
+    codes.index_copy_(2, idx, c)
+    scale.index_copy_(2, idx, s)
+    mn.index_copy_(2, idx, m)
+
+
+@write_.register_fake
+def _write_fake(codes, scale, mn, new, pos, bits, group, fmt) -> None:
+    return None
+
+
 @torch.library.custom_op("kvquant::grow", mutates_args=())
 def grow(codes: Tensor, scale: Tensor, mn: Tensor, nq: int, capacity: int, group: int, axis: int, start: int = 0
          ) -> Tuple[Tensor, Tensor, Tensor]:

@@ -79,6 +79,8 @@ class KVState(Tensor):
             raise ValueError("kvcompile: only a sliding-window layout has dropped rows (skip)")
         self.codes, self.scale, self.mn, self.res, self.kv_layout = codes, scale, mn, res, layout
         self.skip = skip
+        if layout.static:  # fixed sizes: decode compiles once
+            return
         # Token counts grow every step: tell Dynamo up front, so the first decode graph is already
         # dynamic in them instead of recompiling once per inner size as each first changes.
         for t in (self, codes, scale, mn, res):
@@ -175,6 +177,14 @@ def _copy_(dst: KVState, src: Any, non_blocking: bool = False) -> Any:
     return dst
 
 
+def _index_copy_(s: KVState, dim: int, index: Tensor, source: Tensor) -> Any:
+    """A fixed-size state written in place (StaticCache's update; Dynamo runs it on fake states while
+    tracing, before the pass rewrites it into kv_static_write)."""
+    if not (s.kv_layout.static and dim in (2, -2) and not isinstance(source, KVState)):
+        return NotImplemented
+    return kv_static_write(s, dim, index, source)
+
+
 def _inner(s: KVState) -> tuple:
     return (s.codes, s.scale, s.mn, s.res) + ((s.skip,) if s.skip is not None else ())
 
@@ -193,6 +203,7 @@ _HANDLERS = {
     aten.clone.default: _clone,
     aten._to_copy.default: _to_copy,
     aten.index_select.default: _index_select,
+    aten.index_copy_.default: _index_copy_,
 }
 
 
@@ -250,6 +261,25 @@ def kv_store(full: Tensor, layout: tuple) -> KVState:
     layout = Layout(*layout)
     B, H, _, D = full.shape
     return kv_compact(KVState(*_empty_packed(full, layout, B, H, D), ref.pad(full), layout))
+
+
+def kv_static_empty(buffer: Tensor, layout: tuple) -> KVState:
+    """A fixed-size state in place of a zero-filled cache buffer [B, H, M, D] (StaticCache's): M packed
+    rows of zeros (which dequantize to 0, as the buffer held) and no residual."""
+    layout = Layout(*layout)
+    B, H, M, D = buffer.shape
+    cw, sw, mw = layout.widths(D)
+    return KVState(buffer.new_zeros((B, H, ref.PAD + M, cw), dtype=torch.uint8),
+                   buffer.new_zeros((B, H, ref.PAD + M, sw)), buffer.new_zeros((B, H, ref.PAD + M, mw)),
+                   buffer.new_zeros((B, H, ref.PAD, D)), layout)
+
+
+def kv_static_write(s: KVState, dim: int, pos: Tensor, new: Tensor) -> KVState:
+    """`s.index_copy_(dim, pos, new)` on a fixed-size state: the tokens are quantized as they are
+    written (every token on its own: Layout.static needs per-token groups, methods.static_reason)."""
+    lay = s.kv_layout
+    ops.write_(s.codes, s.scale, s.mn, new, pos, lay.bits, lay.group, lay.fmt)
+    return s
 
 
 def kv_append(past: KVState, new: Tensor) -> KVState:

@@ -101,18 +101,3 @@ def test_attention_without_cache_warns_and_runs():
     with pytest.warns(KVQuantWarning, match="no KV-cache update"):
         got = f(ids, use_cache=False).logits
     assert torch.equal(got, model(ids, use_cache=False).logits)
-
-
-def test_static_cache_runs_unquantized_with_a_warning():
-    from models import tiny
-
-    model = tiny("llama")
-    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static")
-    with torch.no_grad():
-        want = model.generate(ids, **kw)
-        model.compile(backend="kvquant", options=dict(compiler="eager"))
-        with pytest.warns(KVQuantWarning, match="no KV-cache update"):
-            got = model.generate(ids, **kw)
-    assert torch.equal(got, want)
-    assert counters["kvquant"]["cache_updates_quantized"] == 0

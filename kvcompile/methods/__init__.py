@@ -9,7 +9,7 @@ ops are told which by the 5th element of their `meta` (a 4-element meta means KI
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -52,6 +52,7 @@ class Layout:
     residual: int  # R: full-precision window length
     hadamard: bool = False  # nqkv: blocks are quantized in the Hadamard basis (storage format NFH)
     window: bool = False  # a sliding-window cache layer: the state drops its oldest tokens (state.kv_window)
+    static: bool = False  # a fixed-size buffer written in place at given positions (state.kv_static_write)
 
     @property
     def quantized(self) -> bool:
@@ -95,6 +96,22 @@ class Layout:
         codes = head_dim * self.bits // 8
         scale = head_dim if self.axis == TOKEN_AXIS else head_dim // self.group
         return codes, scale, scale if self.fmt == KIVI else 0
+
+
+def static_reason(config: Config, layouts: Tuple[Layout, Layout]) -> Optional[str]:
+    """Why a fixed-size cache buffer written in place (StaticCache) cannot be stored with these options,
+    or None: only methods that quantize each token on its own, as it is written, fit."""
+    for lay in layouts:
+        if not lay.quantized:
+            return f"method {config.method!r} stores nothing quantized"
+        if lay.axis != CHANNEL_AXIS:
+            return (f"method {config.method!r} quantizes the keys in groups of {lay.group} tokens along the sequence, "
+                    f"which needs a full-precision window that a fixed buffer written in place cannot keep "
+                    f"(nqkv, int8 and fp8 with residual_length=0 quantize each token as it is written)")
+        if lay.residual:
+            return (f"residual_length={lay.residual}: a fixed buffer written in place keeps no full-precision "
+                    f"window (use residual_length=0)")
+    return None
 
 
 def check_packing(head_dim: int, **bits: int) -> None:

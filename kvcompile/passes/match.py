@@ -17,6 +17,10 @@ A sliding-window cache layer returns only the newest tokens of the `cat`: `cat[:
 (transformers' DynamicSlidingWindowLayer: start = -(window - 1)) is the graph output, while attention
 reads the whole `cat`. It is matched the same way, with the slice recorded (`window`).
 
+A fixed-size buffer written in place (transformers' StaticCache: `buf.index_copy_(2, pos, new)`, then
+attention reads `buf`) is a static update (`find_static_updates`): `cat` is the buffer (a zero-filled
+tensor created in the graph at prefill, a graph input at decode), `write` the index_copy_.
+
 A cache created without a cat (a hand-written decoder's first call returns its K and V as they are)
 is matched the same way: a returned 4-D tensor whose every use is one of the above.
 """
@@ -78,6 +82,8 @@ class CacheUpdate:
     reason: Optional[str] = None  # why it is left alone; None if matched
     window: Optional[fx.Node] = None  # sliding window: the returned `cat[:, :, start:]`
     window_start: int = 0
+    write: Optional[fx.Node] = None  # static buffer: its index_copy_
+    sliced: bool = False  # static buffer: some attention reads a slice of it (prefill)
 
     @property
     def matched(self) -> bool:
@@ -133,7 +139,13 @@ def _repeat_kv_end(node: fx.Node) -> Optional[fx.Node]:
 def _classify_users(src: fx.Node, upd: CacheUpdate, top: bool) -> Optional[str]:
     """Record the attention uses of `src` in `upd`; return a reason if a use is not understood."""
     for user in src.users:
-        if top and user is upd.window:
+        if top and (user is upd.window or user is upd.write):
+            continue
+        if top and upd.write is not None and _head_slice(user, src):  # static prefill reads buf[:, :, :n]
+            upd.sliced = True
+            reason = _classify_users(user, upd, top=True)
+            if reason:
+                return reason
             continue
         if user.op == "output":
             if not top:
@@ -207,6 +219,64 @@ def _window_start(node: fx.Node, cat: fx.Node) -> Optional[int]:
     return cut.start
 
 
+def _head_slice(node: fx.Node, src: fx.Node) -> bool:
+    """`src[:, :, :n]` (the first n tokens)."""
+    if not (_is_call(node, fns={operator.getitem}) and node.args[0] is src and isinstance(node.args[1], tuple)):
+        return False
+    idx = node.args[1]
+    full = slice(None, None, None)
+    return (len(idx) >= 3 and idx[0] == full and idx[1] == full and isinstance(idx[2], slice)
+            and idx[2].start in (None, 0) and idx[2].step in (None, 1) and all(i == full or i is Ellipsis for i in idx[3:]))
+
+
+_ZEROS = {torch.zeros, torch.zeros_like}
+
+
+def _token_index(idx) -> bool:
+    """`(:, :, pos)`: token positions along dim 2 (pos a tensor)."""
+    full = slice(None, None, None)
+    return (isinstance(idx, tuple) and len(idx) == 3 and idx[0] == full and idx[1] == full
+            and isinstance(idx[2], fx.Node) and isinstance(val(idx[2]), torch.Tensor))
+
+
+def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
+    """Every `buf.index_copy_(2, pos, new)` of 4-D tensors, classified like a cat (module docstring).
+    The attention's uses are found through repeat_kv and, at prefill, a slice of the first tokens."""
+    updates = []
+    for node in graph.nodes:
+        if node.op == "call_method" and node.target == "index_copy_" and len(node.args) == 4:
+            buf, dim, pos, new = node.args
+        elif _is_call(node, fns={operator.setitem}) and len(node.args) == 3 and _token_index(node.args[1]):
+            buf, dim, pos, new = node.args[0], 2, node.args[1][2], node.args[2]  # gpt-fast: buf[:, :, pos] = new
+        else:
+            continue
+        if not (isinstance(buf, fx.Node) and isinstance(new, fx.Node) and rank(buf) == 4 and rank(new) == 4
+                and dim in (2, -2)):
+            continue
+        upd = CacheUpdate(buf, buf if buf.op == "placeholder" else None, new, write=node)
+        updates.append(upd)
+        if node.target is operator.setitem and buf.op != "placeholder":
+            upd.reason = f"{describe(node)} writes by index assignment into a buffer created in this graph"
+        elif node.users:
+            upd.reason = f"the result of {describe(node)} is used (instead of the buffer it writes)"
+        elif buf.op != "placeholder" and not (_is_call(buf, fns=_ZEROS) and any(u.op == "output" for u in buf.users)):
+            upd.reason = (f"the buffer {describe(buf)} is neither created zero-filled in this graph and returned, "
+                          f"nor a graph input")
+        else:
+            upd.reason = _classify_users(buf, upd, top=True)
+        if upd.reason is None and not upd.uses:
+            upd.reason = "no attention op reads it"
+        if upd.reason is None:
+            roles = {u.role for u in upd.uses}
+            upd.role = roles.pop() if len(roles) == 1 else None
+            if upd.role is None:
+                upd.reason = "it is read both as keys and as values"
+        if upd.reason is None:
+            upd.reason = _cross_attention(upd)
+    _partners(updates)
+    return updates
+
+
 def _fresh_cache(node: fx.Node) -> Optional[CacheUpdate]:
     """A first-call cache with no cat (e.g. a hand-written decoder's prefill returns its K and V):
     a computed 4-D tensor that is returned and read by attention. Only kept if fully matched."""
@@ -258,7 +328,12 @@ def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
     for upd in updates:
         if upd.matched:
             upd.reason = _cross_attention(upd)
-    # SDPA needs both of its key and value to be matched cache updates (to a fixed point).
+    _partners(updates)
+    return updates
+
+
+def _partners(updates: List[CacheUpdate]) -> None:
+    """SDPA needs both of its key and value to be matched cache updates (to a fixed point)."""
     by_cat = {u.cat: u for u in updates}
     changed = True
     while changed:
@@ -274,7 +349,6 @@ def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
                                   f"of {describe(use.node)}) is not a matched cache update")
                     changed = True
                     break
-    return updates
 
 
 def _tokens(node) -> Optional[object]:
@@ -307,6 +381,9 @@ def _cross_attention(upd: CacheUpdate) -> Optional[str]:
 def _strip_repeat(node) -> object:
     """The tensor a chain of repeat_kv and no-op casts started from (`node` itself if none)."""
     while isinstance(node, fx.Node):
+        if isinstance(node.args[0] if node.args else None, fx.Node) and _head_slice(node, node.args[0]):
+            node = node.args[0]  # a static buffer's prefill slice
+            continue
         if node.op == "call_method" and node.target in _NOOP_METHODS and node.args \
                 and isinstance(node.args[0], fx.Node) and _is_noop_cast(node, node.args[0]):
             node = node.args[0]

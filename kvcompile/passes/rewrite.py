@@ -10,6 +10,13 @@ Decode (the past is a KVState graph input):
     graph output cat             -> s2 = kv_compact(s1)           (quantize what leaves the window)
     size queries of cat          -> the same queries of s1 (same logical shape)
 
+A fixed-size buffer written in place (StaticCache: match.find_static_updates), for methods that
+quantize each token on its own (methods.static_reason):
+    zeros buffer (prefill)       -> kv_static_empty(buffer): a state of the same fixed size
+    buf.index_copy_(2, pos, new) -> kv_static_write(buf, 2, pos, new)  (quantized as written)
+    attention over buf (decode)  -> kv_sdpa / kv_qk / kv_pv over buf
+Prefill attention reads a slice of the state (dequantized: correct, not fused).
+
 A sliding-window layer returns `cat[:, :, start:]` instead of `cat` (match.py): prefill stores that
 slice, `kv_store(cat[:, :, start:])`; decode returns `kv_compact(kv_window(s1, start))`, the order
 of transformers' own layer (slice, then the cache's bookkeeping).
@@ -25,10 +32,12 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..config import Config
-from ..methods import layouts
+from ..methods import layouts, static_reason
 from ..report import Entry, GraphReport, KVQuantWarning, log, new_report
-from ..state import KVState, kv_append, kv_compact, kv_pv, kv_qk, kv_sdpa, kv_store, kv_window
-from .match import CacheUpdate, _strip_repeat, count_attention_ops, describe, find_cache_updates, sdpa_args, val
+from ..state import (KVState, kv_append, kv_compact, kv_pv, kv_qk, kv_sdpa, kv_static_empty, kv_static_write, kv_store,
+                     kv_window)
+from .match import (CacheUpdate, _strip_repeat, count_attention_ops, describe, find_cache_updates, find_static_updates,
+                    sdpa_args, val)
 
 _ROLE = {"k": "keys", "v": "values"}
 
@@ -55,7 +64,7 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
     graph = gm.graph
     report = new_report(config.method)
     report.sdpa_ops, report.matmul_ops = count_attention_ops(graph)
-    updates = find_cache_updates(graph)
+    updates = find_cache_updates(graph) + find_static_updates(graph)
     output = _output_node(graph)
     states: Dict[fx.Node, fx.Node] = {}  # decode: cat -> kv_append node
     entries: Dict[fx.Node, Entry] = {}
@@ -68,6 +77,9 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
         head_dim = val(upd.cat).shape[-1]
         k_layout, v_layout = layouts(config, int(head_dim))
         layout = k_layout if upd.role == "k" else v_layout
+        if upd.write is not None:
+            entries[upd.cat] = _rewrite_static(graph, upd, config, (k_layout, v_layout), layout, states)
+            continue
         returned = upd.cat if upd.window is None else upd.window  # the graph output the cache keeps
         where = "" if upd.window is None else f", sliding window: keeps cat[:, :, {upd.window_start}:]"
         if upd.window is not None:
@@ -102,6 +114,8 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
             if node in done:
                 continue
             done.add(node)
+            if use.kind == "sdpa" and not all(_strip_repeat(sdpa_args(node)[r]) in states for r in ("key", "value")):
+                continue  # a partner read through a slice (static prefill): runs on the dequantized state
             with graph.inserting_before(node):
                 if use.kind == "sdpa":
                     a = sdpa_args(node)
@@ -123,7 +137,7 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
     for upd in updates:
         if upd.cat in states:
             for n in reversed([upd.cat] + _chain_nodes(upd.cat, attention_nodes)):
-                if not n.users and n.graph is graph:
+                if not n.users and n.graph is graph and n.target is not kv_static_write:
                     graph.erase_node(n)
     graph.lint()
     gm.recompile()
@@ -131,6 +145,36 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
     report.entries = [entries[u.cat] for u in updates]
     _finish(report)
     return report
+
+
+def _rewrite_static(graph: fx.Graph, upd: CacheUpdate, config: Config, both, layout, states) -> Entry:
+    """Rewrite a static update (module docstring); the report entry says what was done or why not."""
+    role = _ROLE[upd.role]
+    reason = static_reason(config, both)
+    buf = val(upd.cat)
+    if reason is None and upd.past is not None and not (isinstance(buf, KVState) and buf.kv_layout.static):
+        reason = ("it is written in place into a full-precision buffer created outside the compiled code (a module "
+                  "buffer, or a cache whose prefill ran uncompiled, as generate()'s own compile does), and a graph "
+                  "cannot swap a buffer it does not return; kvcompile quantizes a fixed-size cache only where the "
+                  "compiled code creates it (transformers' StaticCache under model.compile / torch.compile(model))")
+    if reason is not None:
+        return Entry(upd.cat.name, role, "left alone", reason=reason)
+    target = upd.cat
+    if upd.past is None:  # prefill: the zero-filled buffer becomes a fixed-size state
+        with graph.inserting_after(upd.cat):
+            target = graph.call_function(kv_static_empty, (upd.cat, dataclasses.astuple(
+                dataclasses.replace(layout, static=True))))
+        upd.cat.replace_all_uses_with(target, delete_user_cb=lambda n: n is not target)
+    with graph.inserting_before(upd.write):
+        graph.call_function(kv_static_write, (target, *upd.write.args[1:]))
+    graph.erase_node(upd.write)
+    counters["kvquant"]["cache_updates_quantized"] += 1
+    if upd.past is None:
+        return Entry(upd.cat.name, role, "quantized (prefill: static buffer, tokens quantized as written)")
+    if upd.sliced:
+        return Entry(upd.cat.name, role, "quantized (decode: static buffer; attention reads a slice of it, dequantized)")
+    states[upd.cat] = upd.cat
+    return Entry(upd.cat.name, role, "quantized (decode: static buffer, fused attention)")
 
 
 def _finish(report: GraphReport) -> None:

@@ -1,0 +1,147 @@
+"""Fixed-size caches written in place: transformers' StaticCache (`index_copy_` at cache_position,
+the setup transformers recommends with torch.compile) is stored quantized for methods that quantize
+each token on its own; what cannot be (kivi's key groups, a buffer created outside the compiled code,
+gpt-fast's `k_cache[:, :, pos] = k` module buffers) runs in full precision with a warning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import kvcompile
+from kvcompile import Config, KVQuantWarning, KVState
+from kvcompile.fakequant import FakeQuantStaticCache
+from models import tiny
+
+METHODS = [dict(method="int8"), dict(method="fp8"), dict(method="nqkv", bits=4, block_size=8),
+           dict(method="nqkv", bits=3, block_size=8, hadamard=True)]
+
+
+def _teacher_forced(model, ids, cache, prefill=5):
+    with torch.no_grad():
+        out = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        for t in range(prefill, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("opts", METHODS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_static_cache_matches_the_eager_reference(opts, attn):
+    """Every K and V buffer is a fixed-size quantized state (prefill and one decode graph), and the
+    logits equal FakeQuantStaticCache's (each token quantized as written) under plain Dynamo bit for
+    bit (plain Dynamo already differs from eager by ~1 ulp with a StaticCache: the masks)."""
+    from transformers import StaticCache
+
+    model = tiny("llama", attn, head_dim=16)
+    ids = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(0))
+    kvcompile.reset()
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="kvquant", options=dict(opts, compiler="eager"))
+    cache = StaticCache(config=model.config, max_cache_len=20)
+    got = _teacher_forced(f, ids, cache)
+    reports = kvcompile.reports()
+    torch._dynamo.reset()
+    want = _teacher_forced(torch.compile(model, backend="eager"), ids,
+                           FakeQuantStaticCache(Config(**opts), model.config, max_cache_len=20))
+    eager = _teacher_forced(model, ids, FakeQuantStaticCache(Config(**opts), model.config, max_cache_len=20))
+    fp = _teacher_forced(model, ids, StaticCache(config=model.config, max_cache_len=20))
+    assert len(reports) == 2 and [len(r.quantized) for r in reports] == [4, 4], [str(r) for r in reports]
+    assert all(isinstance(t, KVState) and t.shape == (2, 2, 20, 16) for t in kvcompile.cache_tensors(cache))
+    for a, b in zip(got, want):  # hadamard: attention in the transformed basis, equal up to rounding (README)
+        assert torch.equal(a, b) if not opts.get("hadamard") else torch.allclose(a, b, atol=1e-5, rtol=0)
+    err = max((a - b).abs().max().item() for a, b in zip(got, eager))
+    assert err < 1e-5 and max((a - b).abs().max().item() for a, b in zip(got, fp)) > 1e3 * err  # it is quantized
+
+
+def test_static_generate_compiles_decode_once_and_stores_less():
+    """generate(cache_implementation="static") under Inductor: one prefill and one decode graph for 12
+    tokens, output equal to the eager reference's, and the bytes held are the packed size."""
+    model = tiny("llama", head_dim=64)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    opts = dict(method="nqkv", bits=4)
+    with torch.no_grad():
+        fp = model.generate(ids, cache_implementation="static", **kw)
+        M = fp.past_key_values.layers[0].keys.shape[2]  # generate's max_cache_len
+        want = model.generate(ids, past_key_values=FakeQuantStaticCache(Config(**opts), model.config, M), **kw)
+        kvcompile.reset()
+        torch._dynamo.reset()
+        model.compile(backend="kvquant", options=opts)
+        got = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert len(kvcompile.reports()) == 2
+    assert counters["kvquant"]["cache_updates_left_alone"] == 0
+    held = kvcompile.cache_nbytes(got.past_key_values)
+    full = kvcompile.cache_nbytes(fp.past_key_values)
+    # 4-bit codes + one float32 scale per 64 channels (4.5 of 32 bits) for M + 2 pad rows, and the
+    # empty residual's 2 pad rows; 2 layers x (K, V)
+    per_tensor = 2 * 2 * (M + 2) * (64 // 2 + 4) + 2 * 2 * 2 * 64 * 4
+    assert held == 2 * 2 * per_tensor and held < full / 3, (held, full)
+
+
+def test_kivi_static_cache_is_left_alone_with_the_reason():
+    model = tiny("llama")
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        model.compile(backend="kvquant", options=dict(compiler="eager"))
+        with pytest.warns(KVQuantWarning, match="groups of 32 tokens along the sequence"):
+            got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert counters["kvquant"]["cache_updates_quantized"] == 0
+
+
+def test_static_buffer_from_an_uncompiled_prefill_is_left_alone():
+    """A StaticCache whose prefill ran eagerly holds full-precision buffers the decode graph can only
+    write in place: left alone, with the reason, and exactly what plain Dynamo computes."""
+    from transformers import StaticCache
+
+    model = tiny("llama")
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    cache, ref_cache = (StaticCache(config=model.config, max_cache_len=12) for _ in range(2))
+    with torch.no_grad():
+        model(ids[:, :5], past_key_values=cache, use_cache=True)
+        model(ids[:, :5], past_key_values=ref_cache, use_cache=True)
+        f = torch.compile(model, backend="kvquant", options=dict(method="int8", compiler="eager"))
+        with pytest.warns(KVQuantWarning, match="created outside the compiled code"):
+            got = [f(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 9)]
+        torch._dynamo.reset()
+        g = torch.compile(model, backend="eager")
+        want = [g(ids[:, t:t + 1], past_key_values=ref_cache, use_cache=True).logits for t in range(5, 9)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+class GptFastAttention(torch.nn.Module):
+    """gpt-fast's cache: module buffers written with `k_cache[:, :, input_pos] = k`."""
+
+    def __init__(self, B=1, H=2, M=16, D=8):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(B, H, M, D))
+        self.register_buffer("v_cache", torch.zeros(B, H, M, D))
+
+    def forward(self, q, k, v, input_pos, mask):
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask[:, :, input_pos])
+
+
+def test_gpt_fast_index_put_cache_is_left_alone_with_the_reason():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tril(torch.ones(16, 16, dtype=torch.bool))[None, None]
+    eager, compiled = GptFastAttention(), GptFastAttention()
+    f = torch.compile(compiled, backend="kvquant", options=dict(method="int8", compiler="eager"))
+    for t in range(6):
+        q, k, v = (torch.randn(1, 2, 1, 8, generator=g) for _ in range(3))
+        pos = torch.tensor([t])
+        want = eager(q, k, v, pos, mask)
+        if t == 0:
+            with pytest.warns(KVQuantWarning, match="module buffer"):
+                got = f(q, k, v, pos, mask)
+        else:
+            got = f(q, k, v, pos, mask)
+        assert torch.equal(got, want)
+    assert torch.equal(compiled.k_cache, eager.k_cache)
