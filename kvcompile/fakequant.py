@@ -28,7 +28,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticCache, StaticLayer
+from transformers.cache_utils import (Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticCache, StaticLayer,
+                                      StaticSlidingWindowLayer)
 
 from .config import Config
 from .kernels import reference as ref
@@ -110,6 +111,19 @@ class FakeQuantCache(DynamicCache):
         Cache.__init__(self, layers=layers)
 
 
+def _static_layouts(config: Config, head_dim: int):
+    both = layouts(config, head_dim)
+    reason = static_reason(config, both)
+    if reason:
+        raise ValueError(f"kvcompile: a static cache cannot be stored with these options: {reason}")
+    return both
+
+
+def _qdq(x: Tensor, lay: Layout) -> Tensor:
+    return ref.dequantize(*ref.quantize(x, lay.bits, lay.group, lay.axis, lay.fmt), lay.bits, lay.group, lay.axis,
+                          x.shape[-1], lay.fmt)
+
+
 class FakeQuantStaticLayer(StaticLayer):
     """A StaticLayer that writes each token quantized-dequantized (per token, as the compiled path's
     kv_static_write does)."""
@@ -119,19 +133,46 @@ class FakeQuantStaticLayer(StaticLayer):
         self.config = config
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-        both = layouts(self.config, key_states.shape[-1])
-        reason = static_reason(self.config, both)
-        if reason:
-            raise ValueError(f"kvcompile: a static cache cannot be stored with these options: {reason}")
-        fake = [ref.dequantize(*ref.quantize(x, lay.bits, lay.group, lay.axis, lay.fmt), lay.bits, lay.group, lay.axis,
-                               x.shape[-1], lay.fmt) for x, lay in zip((key_states, value_states), both)]
-        return super().update(*fake, *args, **kwargs)
+        both = _static_layouts(self.config, key_states.shape[-1])
+        return super().update(*(_qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args, **kwargs)
+
+
+class FakeQuantStaticSlidingLayer(StaticSlidingWindowLayer):
+    """StaticSlidingWindowLayer as the compiled path stores it: its buffers are quantized only if its
+    first write is an `index_copy_` (a prompt shorter than the window; a longer one is copied in
+    whole, into a buffer the graph cannot swap); then tokens written by index are quantized as
+    written, and a buffer rewritten whole (rolled, or cut from a concatenation) is quantized again
+    whole."""
+
+    def __init__(self, config: Config, max_cache_len: int, sliding_window: int, **kwargs: Any) -> None:
+        super().__init__(max_cache_len=max_cache_len, sliding_window=sliding_window, **kwargs)
+        self.config = config
+        self.quantized: Optional[bool] = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+        current = self.cumulative_length_int if self.is_initialized else 0
+        by_index = current + key_states.shape[-2] <= self.max_cache_len  # transformers' index_copy_ branch
+        if self.quantized is None:
+            self.quantized = by_index
+        if not self.quantized:
+            return super().update(key_states, value_states, *args, **kwargs)
+        both = _static_layouts(self.config, key_states.shape[-1])
+        if by_index:
+            return super().update(*(_qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args, **kwargs)
+        out = super().update(key_states, value_states, *args, **kwargs)
+        for buf, lay in zip((self.keys, self.values), both):
+            buf.copy_(_qdq(buf, lay))
+        return out
 
 
 class FakeQuantStaticCache(StaticCache):
-    """A StaticCache whose full-attention layers are FakeQuantStaticLayer (others unchanged)."""
+    """A StaticCache whose layers are FakeQuantStaticLayer / FakeQuantStaticSlidingLayer."""
 
     def __init__(self, config: Config, model_config: Any, max_cache_len: int, **kwargs: Any) -> None:
         super().__init__(model_config, max_cache_len, **kwargs)
-        self.layers = [FakeQuantStaticLayer(config, max_cache_len) if type(layer) is StaticLayer else layer
-                       for layer in self.layers]
+        self.layers = [
+            FakeQuantStaticLayer(config, max_cache_len) if type(layer) is StaticLayer
+            else FakeQuantStaticSlidingLayer(config, max_cache_len, layer.max_cache_len)
+            if type(layer) is StaticSlidingWindowLayer else layer
+            for layer in self.layers
+        ]

@@ -168,7 +168,13 @@ def _index_select(s: KVState, dim: int, index: Tensor) -> Any:
 
 
 def _copy_(dst: KVState, src: Any, non_blocking: bool = False) -> Any:
-    """State-to-state copy of the same layout and sizes (AOTAutograd writes mutated inputs back so)."""
+    """State-to-state copy of the same layout and sizes (AOTAutograd writes mutated inputs back so), or
+    a fixed-size state rewritten whole from a full-precision tensor (StaticSlidingWindowLayer rolls its
+    buffer so): every token quantized again, as written."""
+    if isinstance(dst, KVState) and dst.kv_layout.static and isinstance(src, Tensor) \
+            and not isinstance(src, KVState) and src.shape == dst.shape:
+        pos = torch.arange(dst.shape[2], device=src.device)
+        return kv_static_write(dst, 2, pos, src)
     if not (isinstance(dst, KVState) and isinstance(src, KVState) and dst.kv_layout == src.kv_layout
             and all(a.shape == b.shape for a, b in zip(_inner(dst), _inner(src)))):
         return NotImplemented

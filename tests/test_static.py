@@ -145,3 +145,32 @@ def test_gpt_fast_index_put_cache_is_left_alone_with_the_reason():
             got = f(q, k, v, pos, mask)
         assert torch.equal(got, want)
     assert torch.equal(compiled.k_cache, eager.k_cache)
+
+
+@pytest.mark.parametrize("prefill", [5, 15])
+def test_static_sliding_layers(prefill):
+    """Gemma 3 with a StaticCache: its sliding layers' fixed buffers (window 12) are written by index
+    until full, then rolled and rewritten whole (`copy_`): quantized again as written, matching
+    FakeQuantStaticCache under plain Dynamo bit for bit. A prompt longer than the window is copied
+    in whole into a buffer the graph cannot swap: that layer stays full precision, in both."""
+    import zoo
+    from transformers import StaticCache
+
+    model, cfg = zoo.make("gemma3_text", "sdpa")
+    ids = torch.randint(0, 64, (2, prefill + 14), generator=torch.Generator().manual_seed(0))
+    opts = dict(method="int8", compiler="eager")
+    kvcompile.reset()
+    torch._dynamo.reset()
+    cache = StaticCache(config=cfg, max_cache_len=40)
+    got = _teacher_forced(torch.compile(model, backend="kvquant", options=opts), ids, cache, prefill)
+    assert counters["kvquant"]["cache_updates_left_alone"] == 0
+    torch._dynamo.reset()
+    want = _teacher_forced(torch.compile(model, backend="eager"), ids,
+                           FakeQuantStaticCache(Config(**opts), cfg, max_cache_len=40), prefill)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    sliding = cache.layers[0].keys
+    assert isinstance(sliding, KVState) == (prefill < cfg.sliding_window) and sliding.shape[2] == cfg.sliding_window
+    assert isinstance(cache.layers[1].keys, KVState)
+    if prefill < cfg.sliding_window:
+        assert any("rewritten whole" in e.status for r in kvcompile.reports() for e in r.entries)

@@ -246,7 +246,8 @@ def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
     for node in graph.nodes:
         if node.op == "call_method" and node.target == "index_copy_" and len(node.args) == 4:
             buf, dim, pos, new = node.args
-        elif _is_call(node, fns={operator.setitem}) and len(node.args) == 3 and _token_index(node.args[1]):
+        elif _is_call(node, fns={operator.setitem}) and len(node.args) == 3 and _token_index(node.args[1]) \
+                and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
             buf, dim, pos, new = node.args[0], 2, node.args[1][2], node.args[2]  # gpt-fast: buf[:, :, pos] = new
         else:
             continue
@@ -255,9 +256,7 @@ def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
             continue
         upd = CacheUpdate(buf, buf if buf.op == "placeholder" else None, new, write=node)
         updates.append(upd)
-        if node.target is operator.setitem and buf.op != "placeholder":
-            upd.reason = f"{describe(node)} writes by index assignment into a buffer created in this graph"
-        elif node.users:
+        if node.users:
             upd.reason = f"the result of {describe(node)} is used (instead of the buffer it writes)"
         elif buf.op != "placeholder" and not (_is_call(buf, fns=_ZEROS) and any(u.op == "output" for u in buf.users)):
             upd.reason = (f"the buffer {describe(buf)} is neither created zero-filled in this graph and returned, "
@@ -275,6 +274,16 @@ def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
             upd.reason = _cross_attention(upd)
     _partners(updates)
     return updates
+
+
+def static_rewrites(graph: fx.Graph) -> List[fx.Node]:
+    """`buf.copy_(x)` into a fixed-size quantized state that is a graph input (StaticSlidingWindowLayer
+    rolls its buffer so): the state quantizes x as it is written (state._copy_); only reported."""
+    from ..state import KVState
+
+    return [n for n in graph.nodes if n.op == "call_method" and n.target == "copy_" and n.args
+            and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"
+            and isinstance(val(n.args[0]), KVState) and val(n.args[0]).kv_layout.static]
 
 
 def _fresh_cache(node: fx.Node) -> Optional[CacheUpdate]:

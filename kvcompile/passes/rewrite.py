@@ -37,7 +37,7 @@ from ..report import Entry, GraphReport, KVQuantWarning, log, new_report
 from ..state import (KVState, kv_append, kv_compact, kv_pv, kv_qk, kv_sdpa, kv_static_empty, kv_static_write, kv_store,
                      kv_window)
 from .match import (CacheUpdate, _strip_repeat, count_attention_ops, describe, find_cache_updates, find_static_updates,
-                    sdpa_args, val)
+                    sdpa_args, static_rewrites, val)
 
 _ROLE = {"k": "keys", "v": "values"}
 
@@ -142,7 +142,9 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
     graph.lint()
     gm.recompile()
 
-    report.entries = [entries[u.cat] for u in updates]
+    report.entries = [entries[u.cat] for u in updates] + [
+        Entry(n.args[0].name, None, "quantized (static buffer rewritten whole, e.g. a rolled sliding window: every "
+              "token quantized again as written; attention reads it dequantized)") for n in static_rewrites(graph)]
     _finish(report)
     return report
 
