@@ -17,11 +17,14 @@ stays valid (its Nq rows are never rewritten), but two continuations of one stat
 same spare rows, so branch from a `clone()`.
 
 A sliding-window layer's state (Layout.window) also carries `skip`, an empty [PAD + S, 0] tensor whose
-size S counts the oldest packed rows the window has dropped: rows are freed in place of nothing (that
-would rewrite storage a previous step may still read), but skipped by every read and left behind when
-the storage is next reallocated (kv_compact), so the bytes held stay those of the window plus the few
-percent of spare rows. T = Nq - S + Nr. A size rather than a number, so that Dynamo sees it as a
+size S counts the oldest packed rows the window has dropped. They are not freed at once (that would
+rewrite storage a previous step may still read): every read skips them, and the storage leaves them
+behind when it is next reallocated (kv_compact), so the bytes held stay those of the window plus the
+few percent of spare rows. T = Nq - S + Nr. A size rather than a number, so that Dynamo sees it as a
 dynamic size like the others (the ops get it as the 6th element of their meta).
+
+A static state (Layout.static: transformers' StaticCache) is a fixed-size buffer: M packed rows, no
+residual, written in place at given positions (kv_static_write); its sizes are not marked dynamic.
 
 Each is stored with PAD (= 2) unused leading rows along dim 2 (kernels/reference.py: PAD). Dynamo
 specializes input sizes 0 and 1 and would compile a new graph each time a residual empties after a
@@ -126,8 +129,8 @@ class KVState(Tensor):
 
     def _map(self, fn) -> "KVState":
         out = [fn(t) for t in (self.codes, self.scale, self.mn, self.res)]
-        return KVState(*out, self.kv_layout, outer_size=(out[3].shape[0], *self.shape[1:]), skip=_carrier(out[0], self.n_skip)
-                       if self.skip is not None else None)
+        skip = _carrier(out[0], self.n_skip) if self.skip is not None else None
+        return KVState(*out, self.kv_layout, outer_size=(out[3].shape[0], *self.shape[1:]), skip=skip)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

@@ -174,3 +174,20 @@ def test_static_sliding_layers(prefill):
     assert isinstance(cache.layers[1].keys, KVState)
     if prefill < cfg.sliding_window:
         assert any("rewritten whole" in e.status for r in kvcompile.reports() for e in r.entries)
+
+
+def test_method_none_leaves_static_buffers_as_they_are():
+    import warnings
+
+    model = tiny("llama")
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        kvcompile.reset()
+        model.compile(backend="kvquant", options=dict(method="none", compiler="eager"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KVQuantWarning)
+            got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert all(not r.entries for r in kvcompile.reports())

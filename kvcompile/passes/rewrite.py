@@ -64,7 +64,12 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
     graph = gm.graph
     report = new_report(config.method)
     report.sdpa_ops, report.matmul_ops = count_attention_ops(graph)
-    updates = find_cache_updates(graph) + find_static_updates(graph)
+    updates = find_cache_updates(graph)
+    static = find_static_updates(graph)
+    if config.method == "none" and static:  # fixed-size buffers stay as they are: nothing to store differently
+        report.notes.append(f"method none: {len(static)} fixed-size cache buffer(s) written in place kept as they are")
+    else:
+        updates += static
     output = _output_node(graph)
     states: Dict[fx.Node, fx.Node] = {}  # decode: cat -> kv_append node
     entries: Dict[fx.Node, Entry] = {}
@@ -193,7 +198,7 @@ def _finish(report: GraphReport) -> None:
             KVQuantWarning,
             stacklevel=2,
         )
-    elif not report.entries and (report.sdpa_ops or report.matmul_ops):
+    elif not report.entries and not report.notes and (report.sdpa_ops or report.matmul_ops):
         report.notes.append(
             "attention found, but no KV-cache update (torch.cat of the cache along the sequence axis, "
             "returned from the graph) feeds it; nothing quantized"
