@@ -57,6 +57,7 @@ SETTINGS: Dict[str, Optional[dict]] = {
     "nqkv-3-h-r8": {"method": "nqkv", "bits": 3, "hadamard": True, "residual_length": 8},
     "nqkv-3-h-r16": {"method": "nqkv", "bits": 3, "hadamard": True, "residual_length": 16},
     "nqkv-k4v2-h-r16": {"method": "nqkv", "k_bits": 4, "v_bits": 2, "hadamard": True, "residual_length": 16},
+    "nqkv-3-h-r12": {"method": "nqkv", "bits": 3, "hadamard": True, "residual_length": 12},
 }
 
 # transformers' QuantizedCache with its defaults (axis 0, groups of 64, residual 128): name -> (backend, nbits)
