@@ -28,6 +28,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
+from transformers import cache_utils
 from transformers.cache_utils import (Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticCache, StaticLayer,
                                       StaticSlidingWindowLayer)
 
@@ -55,7 +56,7 @@ class _FakeQuant:
         return torch.cat([x[:, :, :n_q], deq, x[:, :, n_q + n:]], dim=2)
 
     def _update(self, update, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
-        before = self.keys.shape[-2] if self.is_initialized else 0
+        before = self.keys.shape[-2] if self.keys is not None else 0  # (a hybrid layer's is_initialized is its other part's)
         keys, values = update(key_states, value_states, *args, **kwargs)
         dropped = before + key_states.shape[-2] - self.keys.shape[-2]  # left a sliding window
         self.n_q = {r: max(n - dropped, 0) for r, n in self.n_q.items()}
@@ -90,12 +91,27 @@ class FakeQuantSlidingLayer(_FakeQuant, DynamicSlidingWindowLayer):
         return self._update(super().update, key_states, value_states, *args, **kwargs)
 
 
+# transformers' layer for a Mamba + attention layer (Falcon-H1), in the releases that have one
+_HybridLayer = getattr(cache_utils, "LinearAttentionAndFullAttentionLayer", None)
+if _HybridLayer is not None:
+    class FakeQuantHybridLayer(_FakeQuant, _HybridLayer):
+        """A layer keeping both a linear-attention (Mamba) state and attention keys and values: the
+        attention part fake-quantized, as the backend quantizes it."""
+
+        def __init__(self, config: Config, **kwargs: Any) -> None:
+            _HybridLayer.__init__(self, **kwargs)
+            self._setup(config)
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+            return self._update(super().update, key_states, value_states, *args, **kwargs)
+
+
 class FakeQuantCache(DynamicCache):
     """A DynamicCache whose layers apply `config`'s quantization in fake-quant form (see module doc).
 
     With `model_config`, the layers follow the model's layer types as DynamicCache(config=...) does:
-    sliding-window layers are FakeQuantSlidingLayer; other kinds (e.g. chunked attention) stay full
-    precision, as the backend leaves them (README)."""
+    sliding-window layers are FakeQuantSlidingLayer, Mamba + attention layers FakeQuantHybridLayer;
+    other kinds (e.g. chunked attention) stay full precision, as the backend leaves them (README)."""
 
     def __init__(self, config: Config, model_config: Optional[Any] = None) -> None:
         if model_config is None:
@@ -106,6 +122,8 @@ class FakeQuantCache(DynamicCache):
         types, kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
         kinds = {DynamicLayer: lambda **kw: FakeQuantLayer(config),
                  DynamicSlidingWindowLayer: lambda **kw: FakeQuantSlidingLayer(config, **kw)}
+        if _HybridLayer is not None:
+            kinds[_HybridLayer] = lambda **kw: FakeQuantHybridLayer(config, **kw)
         layers = [kinds.get(DYNAMIC_LAYER_TYPE_MAPPING[t], DYNAMIC_LAYER_TYPE_MAPPING[t])(**kw)
                   for t, kw in zip(types, kwargs)]
         Cache.__init__(self, layers=layers)
