@@ -55,9 +55,9 @@ class _FakeQuant:
         self.n_q[layout.role] = n_q + n
         return torch.cat([x[:, :, :n_q], deq, x[:, :, n_q + n:]], dim=2)
 
-    def _update(self, update, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
         before = self.keys.shape[-2] if self.keys is not None else 0  # (a hybrid layer's is_initialized is its other part's)
-        keys, values = update(key_states, value_states, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # the transformers layer's
         dropped = before + key_states.shape[-2] - self.keys.shape[-2]  # left a sliding window
         self.n_q = {r: max(n - dropped, 0) for r, n in self.n_q.items()}
         k_layout, v_layout = layouts(self.config, key_states.shape[-1])
@@ -78,17 +78,11 @@ class FakeQuantLayer(_FakeQuant, DynamicLayer):
         DynamicLayer.__init__(self)
         self._setup(config)
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-        return self._update(super().update, key_states, value_states, *args, **kwargs)
-
 
 class FakeQuantSlidingLayer(_FakeQuant, DynamicSlidingWindowLayer):
     def __init__(self, config: Config, sliding_window: int, **kwargs: Any) -> None:
         DynamicSlidingWindowLayer.__init__(self, sliding_window=sliding_window, **kwargs)
         self._setup(config)
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-        return self._update(super().update, key_states, value_states, *args, **kwargs)
 
 
 # transformers' layer for a Mamba + attention layer (Falcon-H1), in the releases that have one
@@ -101,9 +95,6 @@ if _HybridLayer is not None:
         def __init__(self, config: Config, **kwargs: Any) -> None:
             _HybridLayer.__init__(self, **kwargs)
             self._setup(config)
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-            return self._update(super().update, key_states, value_states, *args, **kwargs)
 
 
 class FakeQuantCache(DynamicCache):

@@ -5,6 +5,9 @@ gpt-fast's `k_cache[:, :, pos] = k` module buffers) runs in full precision with 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,15 +85,22 @@ def test_static_generate_compiles_decode_once_and_stores_less():
     assert held == 2 * 2 * per_tensor and held < full / 3, (held, full)
 
 
-def test_kivi_static_cache_is_left_alone_with_the_reason():
+def _static_generate(options, expect=contextlib.nullcontext()):
+    """Greedy generate() with a StaticCache: (uncompiled, compiled with `options` inside `expect`)."""
     model = tiny("llama")
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         want = model.generate(ids, **kw)
-        model.compile(backend="kvquant", options=dict(compiler="eager"))
-        with pytest.warns(KVQuantWarning, match="groups of 32 tokens along the sequence"):
+        model.compile(backend="kvquant", options=options)
+        with expect:
             got = model.generate(ids, **kw)
+    return want, got
+
+
+def test_kivi_static_cache_is_left_alone_with_the_reason():
+    want, got = _static_generate(dict(compiler="eager"),
+                                 pytest.warns(KVQuantWarning, match="groups of 32 tokens along the sequence"))
     assert torch.equal(got, want)
     assert counters["kvquant"]["cache_updates_quantized"] == 0
 
@@ -177,17 +187,9 @@ def test_static_sliding_layers(prefill):
 
 
 def test_method_none_leaves_static_buffers_as_they_are():
-    import warnings
-
-    model = tiny("llama")
-    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static")
-    with torch.no_grad():
-        want = model.generate(ids, **kw)
-        kvcompile.reset()
-        model.compile(backend="kvquant", options=dict(method="none", compiler="eager"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", KVQuantWarning)
-            got = model.generate(ids, **kw)
+    kvcompile.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KVQuantWarning)
+        want, got = _static_generate(dict(method="none", compiler="eager"))
     assert torch.equal(got, want)
     assert all(not r.entries for r in kvcompile.reports())
