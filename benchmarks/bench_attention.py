@@ -55,8 +55,7 @@ import triton  # noqa: E402
 
 from kvcompile.kernels import reference as ref  # noqa: E402
 from kvcompile.kernels import triton_attention as ta  # noqa: E402
-
-PAD = ref.PAD
+from kvcompile.layout import CHANNEL_AXIS, PAD, TOKEN_AXIS, Layout, Packed  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,8 +95,8 @@ def device_name(device: torch.device) -> str:
 
 
 def kivi_cache(B: int, T: int, bits: int, device, dtype=torch.float16):
-    """Padded (codes, scale, mn, res) for keys (token groups) and values (channel groups) holding T
-    tokens, with random codes: the kernel's time does not depend on the values."""
+    """Packed keys (token groups) and values (channel groups) holding T tokens, with random codes: the
+    kernel's time does not depend on the values."""
     per = 8 // bits
     nr_k = min(NR_K, T)
     nq_k = ((T - nr_k) // GROUP) * GROUP
@@ -115,7 +114,8 @@ def kivi_cache(B: int, T: int, bits: int, device, dtype=torch.float16):
          rnd(B, HKV, PAD + nr_k, D))
     v = (rnd_codes(nq_v), rnd(B, HKV, PAD + nq_v, D // GROUP).abs() * 0.1, rnd(B, HKV, PAD + nq_v, D // GROUP),
          rnd(B, HKV, PAD + nr_v, D))
-    return k, v, (bits, GROUP, ref.TOKEN_AXIS), (bits, GROUP, ref.CHANNEL_AXIS)
+    return (Packed(*k, Layout("kivi", "k", "kivi", bits, GROUP, TOKEN_AXIS, RESIDUAL), nq_k),
+            Packed(*v, Layout("kivi", "v", "kivi", bits, GROUP, CHANNEL_AXIS, RESIDUAL), nq_v))
 
 
 def nbytes(ts) -> int:
@@ -136,7 +136,7 @@ def sdpa_fp16(B: int, T: int, device, dtype):
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
         how = "enable_gqa"
     except (TypeError, RuntimeError):  # older torch: repeat the KV heads as transformers does
-        kr, vr = ref._repeat_heads(k, HQ), ref._repeat_heads(v, HQ)
+        kr, vr = ref.repeat_heads(k, HQ), ref.repeat_heads(v, HQ)
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr)  # noqa: E731
         how = "repeat_kv"
     return bench(fn), nbytes((k, v)) + nbytes((q,)) * 2, how
@@ -173,22 +173,22 @@ def run_config(B: int, T: int, device, dtype, copy_bw: float, rows: list):
 
 def run_kivi(B: int, T: int, bits: int, device, dtype, base, record):
     """Time one KIVI configuration; its cache is freed on return."""
-    k, v, km, vm = kivi_cache(B, T, bits, device, dtype)
+    k, v = kivi_cache(B, T, bits, device, dtype)
     q = torch.randn(B, HQ, 1, D, dtype=dtype, device=device)
-    nb = nbytes(k) + nbytes(v) + 2 * nbytes((q,))
-    t = bench(lambda: ta.attention(q, *k, *v, km, vm))
+    nb = nbytes(k.tensors) + nbytes(v.tensors) + 2 * nbytes((q,))
+    t = bench(lambda: ta.attention(q, k, v))
     record(f"kivi{bits} triton", t, nb, speedup=(base / t) if base else None)
     if ARGS.sweep and CUDA:
         best = None
         for bn in (16, 32, 64):
             for nw in (4, 8):
-                ts = bench(lambda: ta.attention_with_config(q, *k, *v, km, vm, block_n=bn, num_warps=nw))
+                ts = bench(lambda: ta.attention(q, k, v, block_n=bn, num_warps=nw))
                 if best is None or ts < best[0]:
                     best = (ts, bn, nw)
         record(f"kivi{bits} triton best", best[0], nb, block_n=best[1], num_warps=best[2],
                speedup=(base / best[0]) if base else None)
     if not CUDA:
-        t = bench(lambda: ref.attention(q, k, v, km, vm))
+        t = bench(lambda: ref.attention(q, k, v))
         record(f"kivi{bits} reference", t, nb)
 
 

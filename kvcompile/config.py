@@ -9,11 +9,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-METHODS = ("kivi", "none", "nqkv", "int8", "fp8")
+from .methods import METHODS
+
 COMPILERS = ("inductor", "aot_eager", "eager")
-BITS = {"kivi": (2, 4), "none": (16,), "nqkv": (2, 3, 4), "int8": (8,), "fp8": (8,)}
-DEFAULT_BITS = {"kivi": 2, "none": 16, "nqkv": 4, "int8": 8, "fp8": 8}
-DEFAULT_RESIDUAL = {"kivi": 128}  # other methods: 0 (every token is quantized when appended)
 
 
 def _is_int(value: Any) -> bool:
@@ -40,19 +38,20 @@ class Config:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {self.method!r}")
+        method = METHODS[self.method]
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {', '.join(map(repr, COMPILERS))}; got {self.compiler!r}")
         if self.bits is None:
-            object.__setattr__(self, "bits", DEFAULT_BITS[self.method])
+            object.__setattr__(self, "bits", method.default_bits)
         if self.residual_length is None:
-            object.__setattr__(self, "residual_length", DEFAULT_RESIDUAL.get(self.method, 0))
+            object.__setattr__(self, "residual_length", method.default_residual)
         if not isinstance(self.hadamard, bool):
             raise ValueError(f"hadamard must be True or False; got {self.hadamard!r}")
         if self.hadamard and self.method != "nqkv":
             raise ValueError(f"hadamard=True applies to method 'nqkv' only; got method {self.method!r}")
         if self.method == "none":
             return  # bits, group and residual are not used
-        valid = BITS[self.method]
+        valid = method.formats[0].bits
         for name in ("bits", "k_bits", "v_bits"):
             value = getattr(self, name)
             if value is None and name != "bits":

@@ -34,7 +34,8 @@ from transformers.cache_utils import (Cache, DynamicCache, DynamicLayer, Dynamic
 
 from .config import Config
 from .kernels import reference as ref
-from .methods import Layout, layouts, static_reason
+from .layout import Layout
+from .methods import layouts, static_reason
 
 
 class _FakeQuant:
@@ -49,9 +50,7 @@ class _FakeQuant:
         n = int(layout.n_quantize(x.shape[2] - n_q))
         if n == 0:
             return x
-        seg = x[:, :, n_q:n_q + n]
-        deq = ref.dequantize(*ref.quantize(seg, layout.bits, layout.group, layout.axis, layout.fmt),
-                             layout.bits, layout.group, layout.axis, x.shape[-1], layout.fmt)
+        deq = ref.qdq(x[:, :, n_q:n_q + n], layout)
         self.n_q[layout.role] = n_q + n
         return torch.cat([x[:, :, :n_q], deq, x[:, :, n_q + n:]], dim=2)
 
@@ -128,11 +127,6 @@ def _static_layouts(config: Config, head_dim: int):
     return both
 
 
-def _qdq(x: Tensor, lay: Layout) -> Tensor:
-    return ref.dequantize(*ref.quantize(x, lay.bits, lay.group, lay.axis, lay.fmt), lay.bits, lay.group, lay.axis,
-                          x.shape[-1], lay.fmt)
-
-
 class FakeQuantStaticLayer(StaticLayer):
     """A StaticLayer that writes each token quantized-dequantized (per token, as the compiled path's
     kv_static_write does)."""
@@ -143,7 +137,7 @@ class FakeQuantStaticLayer(StaticLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
         both = _static_layouts(self.config, key_states.shape[-1])
-        return super().update(*(_qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args, **kwargs)
+        return super().update(*(ref.qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args, **kwargs)
 
 
 class FakeQuantStaticSlidingLayer(StaticSlidingWindowLayer):
@@ -167,10 +161,10 @@ class FakeQuantStaticSlidingLayer(StaticSlidingWindowLayer):
             return super().update(key_states, value_states, *args, **kwargs)
         both = _static_layouts(self.config, key_states.shape[-1])
         if by_index:
-            return super().update(*(_qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args, **kwargs)
+            return super().update(*(ref.qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args, **kwargs)
         out = super().update(key_states, value_states, *args, **kwargs)
         for buf, lay in zip((self.keys, self.values), both):
-            buf.copy_(_qdq(buf, lay))
+            buf.copy_(ref.qdq(buf, lay))
         return out
 
 

@@ -1,13 +1,9 @@
 """The quantized KV state: a traceable wrapper tensor subclass.
 
 Its logical shape and dtype are those of the full-precision cache [B, H, T, D], so model code that
-reads `keys.shape[-2]` keeps working. Its inner tensors (see kernels/reference.py for layouts):
-
-  codes  uint8 [B, H, C, D*bits/8]  packed codes of the Nq oldest tokens, then C - Nq spare rows
-                                    (3-bit codes: 8 in 3 bytes)
-  scale  [B, H, C/G, D] or [B, H, C, D/G], cache dtype
-  mn     same shape as scale (kivi), or [B, H, C, 0] (the symmetric methods store no minimum)
-  res    [B, H, Nr, D]  the newest Nr tokens in full precision;  T = Nq + Nr
+reads `keys.shape[-2]` keeps working. Its inner tensors are those of a `Packed` (layout.py: codes,
+scale, mn, res, each with PAD leading rows), its flatten context its `Layout`; `packed()` hands both,
+with the counts, to the ops.
 
 Nq is not stored: it is T - Nr, from the state's logical shape. Tokens leaving the residual are
 written into the spare rows in place (kvquant::compact_); when there is no room the storage grows
@@ -21,12 +17,12 @@ size S counts the oldest packed rows the window has dropped. They are not freed 
 rewrite storage a previous step may still read): every read skips them, and the storage leaves them
 behind when it is next reallocated (kv_compact), so the bytes held stay those of the window plus the
 few percent of spare rows. T = Nq - S + Nr. A size rather than a number, so that Dynamo sees it as a
-dynamic size like the others (the ops get it as the 6th element of their meta).
+dynamic size like the others (Packed.skip).
 
 A static state (Layout.static: transformers' StaticCache) is a fixed-size buffer: M packed rows, no
 residual, written in place at given positions (kv_static_write); its sizes are not marked dynamic.
 
-Each is stored with PAD (= 2) unused leading rows along dim 2 (kernels/reference.py: PAD). Dynamo
+Each inner tensor has PAD (= 2) unused leading rows along dim 2 (layout.PAD). Dynamo
 specializes input sizes 0 and 1 and would compile a new graph each time a residual empties after a
 flush; with the pad no dynamic size is ever below 2, and a generation compiles a small, bounded
 number of graphs. The cost is 2 rows per inner tensor (about 0.5% of the cache at T = 1k).
@@ -47,7 +43,7 @@ from torch.utils import _pytree as pytree
 
 from . import ops
 from .kernels import reference as ref
-from .methods import Layout
+from .layout import PAD, Layout, Packed
 
 aten = torch.ops.aten
 
@@ -67,8 +63,8 @@ class KVState(Tensor):
                 skip: Optional[Tensor] = None) -> "KVState":
         if outer_size is None:  # no spare capacity
             B, H, Nr, D = res.shape
-            dropped = skip.shape[0] - ref.PAD if skip is not None else 0
-            outer_size = (B, H, codes.shape[2] - dropped + Nr - 2 * ref.PAD, D)
+            dropped = skip.shape[0] - PAD if skip is not None else 0
+            outer_size = (B, H, codes.shape[2] - dropped + Nr - 2 * PAD, D)
         return Tensor._make_wrapper_subclass(
             cls, outer_size, strides=outer_stride, dtype=res.dtype, device=res.device, requires_grad=False
         )
@@ -77,7 +73,7 @@ class KVState(Tensor):
                  outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None,
                  skip: Optional[Tensor] = None) -> None:
         if layout.window and skip is None:
-            skip = codes.new_empty((ref.PAD, 0))
+            skip = codes.new_empty((PAD, 0))
         if not layout.window and skip is not None:
             raise ValueError("kvcompile: only a sliding-window layout has dropped rows (skip)")
         self.codes, self.scale, self.mn, self.res, self.kv_layout = codes, scale, mn, res, layout
@@ -104,7 +100,7 @@ class KVState(Tensor):
         return (
             f"KVState(method={lay.method!r}, role={lay.role!r}, bits={lay.bits}, shape={tuple(self.shape)}, "
             f"dtype={self.dtype}, quantized_tokens={self.n_quantized - self.n_skip}, "
-            f"residual_tokens={self.res.shape[2] - ref.PAD}, capacity={self.codes.shape[2] - ref.PAD}, "
+            f"residual_tokens={self.res.shape[2] - PAD}, capacity={self.codes.shape[2] - PAD}, "
             + (f"window={lay.window}, dropped_rows={self.n_skip}, " if lay.window else "")
             + f"nbytes={self.packed_nbytes()})"
         )
@@ -112,20 +108,24 @@ class KVState(Tensor):
     @property
     def n_skip(self):
         """S, the oldest packed rows a sliding window has dropped (0 for other layers; a SymInt under tracing)."""
-        return self.skip.shape[0] - ref.PAD if self.skip is not None else 0
+        return self.skip.shape[0] - PAD if self.skip is not None else 0
 
     @property
     def n_quantized(self):
         """Nq, the rows of packed storage in use, S dropped ones included (a SymInt under tracing)."""
-        return self.shape[2] + self.n_skip - (self.res.shape[2] - ref.PAD)
+        return self.shape[2] + self.n_skip - (self.res.shape[2] - PAD)
 
     def packed_nbytes(self) -> int:
         """Bytes the state really holds: codes + scales + minimums (spare rows included) + residual."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.mn, self.res))
 
+    def packed(self) -> Packed:
+        """The inner tensors, layout and counts, as the ops take them."""
+        return Packed(self.codes, self.scale, self.mn, self.res, self.kv_layout, self.n_quantized, self.n_skip)
+
     def dequantize(self) -> Tensor:
         """The full-precision view [B, H, T, D] (a new tensor)."""
-        return ops.dequantize(self.codes, self.scale, self.mn, self.res, _meta(self))
+        return ops.dequantize(self.packed())
 
     def _map(self, fn) -> "KVState":
         out = [fn(t) for t in (self.codes, self.scale, self.mn, self.res)]
@@ -203,7 +203,7 @@ _NAMES = ("codes", "scale", "mn", "res")
 
 def _carrier(like: Tensor, skip) -> Tensor:
     """The empty tensor whose size carries S (see the module doc)."""
-    return like.new_empty((ref.PAD + skip, 0))
+    return like.new_empty((PAD + skip, 0))
 
 
 _HANDLERS = {
@@ -224,9 +224,9 @@ _HANDLERS = {
 def _empty_packed(like: Tensor, layout: Layout, B, H, D) -> tuple:
     cw, sw, mw = layout.widths(D)
     return (
-        like.new_zeros((B, H, ref.PAD, cw), dtype=torch.uint8),
-        like.new_zeros((B, H, ref.PAD, sw)),
-        like.new_zeros((B, H, ref.PAD, mw)),
+        like.new_zeros((B, H, PAD, cw), dtype=torch.uint8),
+        like.new_zeros((B, H, PAD, sw)),
+        like.new_zeros((B, H, PAD, mw)),
     )
 
 
@@ -237,17 +237,15 @@ def kv_compact(s: KVState) -> KVState:
     lay = s.kv_layout
     if not lay.quantized:
         return s
-    nq, skip = s.n_quantized, s.n_skip
-    need = nq + lay.n_quantize(s.res.shape[2] - ref.PAD)
-    codes, scale, mn = s.codes, s.scale, s.mn
-    if need > codes.shape[2] - ref.PAD:
-        start = (skip // lay.drop_quantum) * lay.drop_quantum if lay.window else 0
-        codes, scale, mn = ops.grow(codes, scale, mn, nq, lay.capacity(need - start), lay.group, lay.axis, start)
-        nq, skip = nq - start, skip - start
-    res = ops.compact_(codes, scale, mn, s.res, nq, lay.method, lay.bits, lay.group, lay.axis, lay.residual,
-                      lay.fmt)
-    return KVState(codes, scale, mn, res, lay, outer_size=s.shape,
-                   skip=_carrier(codes, skip) if lay.window else None)
+    p = s.packed()
+    need = p.nq + lay.n_quantize(p.res.shape[2] - PAD)
+    if need > p.codes.shape[2] - PAD:
+        start = (p.skip // lay.drop_quantum) * lay.drop_quantum if lay.window else 0
+        codes, scale, mn = ops.grow(p, lay.capacity(need - start), start)
+        p = p._replace(codes=codes, scale=scale, mn=mn, nq=p.nq - start, skip=p.skip - start)
+    res = ops.compact_(p)
+    return KVState(p.codes, p.scale, p.mn, res, lay, outer_size=s.shape,
+                   skip=_carrier(p.codes, p.skip) if lay.window else None)
 
 
 def kv_window(s: KVState, start: int) -> KVState:
@@ -259,35 +257,31 @@ def kv_window(s: KVState, start: int) -> KVState:
     from_packed = torch.sym_min(drop, s.n_quantized - s.n_skip)
     from_res = drop - from_packed
     # no branch on from_res > 0 (a guard, so another graph): the residual is copied, a few rows
-    res = torch.cat([s.res[:, :, :ref.PAD], s.res[:, :, ref.PAD + from_res:]], dim=2)
+    res = torch.cat([s.res[:, :, :PAD], s.res[:, :, PAD + from_res:]], dim=2)
     return KVState(s.codes, s.scale, s.mn, res, s.kv_layout, outer_size=(B, H, T - drop, D),
                    skip=_carrier(s.codes, s.n_skip + from_packed))
 
 
-def kv_store(full: Tensor, layout: tuple) -> KVState:
-    """A state from a full-precision cache tensor [B, H, T, D] (prefill), compacted.
-    `layout` is the fields of a Layout (FX code generation needs literals)."""
-    layout = Layout(*layout)
+def kv_store(full: Tensor, layout: Layout) -> KVState:
+    """A state from a full-precision cache tensor [B, H, T, D] (prefill), compacted."""
     B, H, _, D = full.shape
     return kv_compact(KVState(*_empty_packed(full, layout, B, H, D), ref.pad(full), layout))
 
 
-def kv_static_empty(buffer: Tensor, layout: tuple) -> KVState:
+def kv_static_empty(buffer: Tensor, layout: Layout) -> KVState:
     """A fixed-size state in place of a zero-filled cache buffer [B, H, M, D] (StaticCache's): M packed
     rows of zeros (which dequantize to 0, as the buffer held) and no residual."""
-    layout = Layout(*layout)
     B, H, M, D = buffer.shape
     cw, sw, mw = layout.widths(D)
-    return KVState(buffer.new_zeros((B, H, ref.PAD + M, cw), dtype=torch.uint8),
-                   buffer.new_zeros((B, H, ref.PAD + M, sw)), buffer.new_zeros((B, H, ref.PAD + M, mw)),
-                   buffer.new_zeros((B, H, ref.PAD, D)), layout)
+    return KVState(buffer.new_zeros((B, H, PAD + M, cw), dtype=torch.uint8),
+                   buffer.new_zeros((B, H, PAD + M, sw)), buffer.new_zeros((B, H, PAD + M, mw)),
+                   buffer.new_zeros((B, H, PAD, D)), layout)
 
 
 def kv_static_write(s: KVState, dim: int, pos: Tensor, new: Tensor) -> KVState:
     """`s.index_copy_(dim, pos, new)` on a fixed-size state: the tokens are quantized as they are
     written (every token on its own: Layout.static needs per-token groups, methods.static_reason)."""
-    lay = s.kv_layout
-    ops.write_(s.codes, s.scale, s.mn, new, pos, lay.bits, lay.group, lay.fmt)
+    ops.write_(s.packed(), new, pos)
     return s
 
 
@@ -298,30 +292,21 @@ def kv_append(past: KVState, new: Tensor) -> KVState:
                    outer_size=(B, H, T + new.shape[2], D), skip=past.skip)
 
 
-def _meta(s: KVState) -> list:
-    """The ops' meta: (bits, group, axis, nq, fmt), and S for a sliding-window layer (ops.py)."""
-    lay = s.kv_layout
-    return [lay.bits, lay.group, lay.axis, s.n_quantized, lay.fmt] + ([s.n_skip] if lay.window else [])
-
-
 def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Tensor] = None,
             dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
             enable_gqa: bool = False) -> Tensor:
     """Drop-in for F.scaled_dot_product_attention over states (GQA whatever enable_gqa says)."""
-    return ops.attention(
-        query, key.codes, key.scale, key.mn, key.res, value.codes, value.scale, value.mn, value.res,
-        _meta(key), _meta(value), attn_mask, dropout_p, is_causal, scale, enable_gqa,
-    )
+    return ops.attention(query, key.packed(), value.packed(), attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 def kv_qk(query: Tensor, key: KVState) -> Tensor:
     """Drop-in for torch.matmul(query, repeat_kv(key).transpose(-1, -2))."""
-    return ops.qk(query, key.codes, key.scale, key.mn, key.res, _meta(key))
+    return ops.qk(query, key.packed())
 
 
 def kv_pv(probs: Tensor, value: KVState) -> Tensor:
     """Drop-in for torch.matmul(probs, repeat_kv(value))."""
-    return ops.pv(probs, value.codes, value.scale, value.mn, value.res, _meta(value))
+    return ops.pv(probs, value.packed())
 
 
 def nbytes(t: Tensor) -> int:

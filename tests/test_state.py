@@ -3,7 +3,6 @@ dequantized value; the ones it implements keep it packed."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ def _state(role="k", T=21, bits=2):
     k_layout, v_layout = layouts(Config(bits=bits, group_size=4, residual_length=8), 8)
     layout = k_layout if role == "k" else v_layout
     x = torch.randn(3, 2, T, 8, generator=torch.Generator().manual_seed(0))
-    return kv_store(x, dataclasses.astuple(layout)), x
+    return kv_store(x, layout), x
 
 
 @pytest.mark.parametrize("role", ["k", "v"])
@@ -76,7 +75,7 @@ def test_spare_capacity_is_a_few_percent_and_appends_in_place(bits):
     the bytes held stay within a few percent of the packed size, and most steps write in place."""
     k_layout, v_layout = layouts(Config(bits=bits), 64)
     B, H, D = 1, 2, 64
-    states = [kv_store(torch.randn(B, H, 100, D), dataclasses.astuple(lay)) for lay in (k_layout, v_layout)]
+    states = [kv_store(torch.randn(B, H, 100, D), lay) for lay in (k_layout, v_layout)]
     moved = 0
     for t in range(1500):
         new = []

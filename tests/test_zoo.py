@@ -9,6 +9,8 @@ import torch
 
 import zoo
 
+pytestmark = pytest.mark.slow  # every test here compiles several models (pytest -m "not slow": the core)
+
 # families with sliding-window layers: a decode graph while the window fills and one once it drops
 # tokens (and growing steps), each with every K and V rewritten; fully left alone:
 SLIDING = {"gemma2", "gemma3_text"}

@@ -14,6 +14,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from helpers import max_abs_diff
+from models import decode
+
 FAMILIES = {  # model_type -> config overrides on top of COMMON
     "llama": {}, "mistral": {}, "mixtral": dict(num_local_experts=2, num_experts_per_tok=1), "qwen2": {},
     "qwen3": {}, "gemma": {}, "gemma2": dict(sliding_window=12),  # soft-capping, sliding + global layers
@@ -105,14 +108,6 @@ class Result:
         return "left alone"
 
 
-def _teacher_forced(model, ids, cache, prefill=5):
-    out = []
-    with torch.no_grad():
-        out.append(model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits)
-        for t in range(prefill, ids.shape[1]):
-            out.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    return out
-
 
 def run(family: str, attn: str, steps: int = 15, check_none: bool = True) -> Result:
     """Compile the family's tiny model with kivi (compiler eager) and compare with the eager reference
@@ -132,13 +127,13 @@ def run(family: str, attn: str, steps: int = 15, check_none: bool = True) -> Res
     kvcompile.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = _teacher_forced(torch.compile(model, backend="kvquant", options=OPTIONS), ids, DynamicCache(config=cfg))
+        got = decode(torch.compile(model, backend="kvquant", options=OPTIONS), ids, 5, DynamicCache(config=cfg))
     res.per_graph_quantized = [len(r.quantized) for r in kvcompile.reports()]
     res.left_alone = sorted({e.reason for r in kvcompile.reports() for e in r.left_alone})
-    want = _teacher_forced(model, ids, FakeQuantCache(Config(**OPTIONS), cfg))
-    res.err_kivi_vs_reference = max((a - b).abs().max().item() for a, b in zip(got, want))
-    fp = _teacher_forced(model, ids, DynamicCache(config=cfg))
-    res.err_kivi_vs_fp = max((a - b).abs().max().item() for a, b in zip(got, fp))
+    want = decode(model, ids, 5, FakeQuantCache(Config(**OPTIONS), cfg))
+    res.err_kivi_vs_reference = max_abs_diff(got, want)
+    fp = decode(model, ids, 5, DynamicCache(config=cfg))
+    res.err_kivi_vs_fp = max_abs_diff(got, fp)
     if check_none:
         # method none must give what the same Dynamo graph gives unrewritten (bit for bit), and the
         # uncompiled model's logits (bit for bit for all families but one: Gemma 3's graph under plain
@@ -146,12 +141,12 @@ def run(family: str, attn: str, steps: int = 15, check_none: bool = True) -> Res
         torch._dynamo.reset()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            none = _teacher_forced(torch.compile(model, backend="kvquant", options=dict(OPTIONS, method="none")), ids,
-                                   DynamicCache(config=cfg))
+            none = decode(torch.compile(model, backend="kvquant", options=dict(OPTIONS, method="none")), ids, 5,
+                          DynamicCache(config=cfg))
         torch._dynamo.reset()
-        dynamo = _teacher_forced(torch.compile(model, backend="eager"), ids, DynamicCache(config=cfg))
+        dynamo = decode(torch.compile(model, backend="eager"), ids, 5, DynamicCache(config=cfg))
         res.none_exact = all(torch.equal(a, b) for a, b in zip(none, dynamo))
-        res.err_none_vs_uncompiled = max((a - b).abs().max().item() for a, b in zip(none, fp))
+        res.err_none_vs_uncompiled = max_abs_diff(none, fp)
     return res
 
 

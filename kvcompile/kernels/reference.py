@@ -1,49 +1,28 @@
 """Torch reference twins of the kernels: the CPU path and the test oracle.
 
-Shapes (B batch, H heads, N tokens, D head_dim, Hq query heads, L query length, T = Nq + Nr):
+Shapes (B batch, H heads, N tokens, D head_dim, Hq query heads, L query length, T cache tokens):
   x            [B, H, N, D]                cache dtype
   codes        [B, H, N, D * bits / 8]     uint8, codes packed low bits first (3-bit codes: 8 in
                                            3 bytes, as one little-endian 24-bit word)
-  scale, mn    [B, H, N / G, D]            (axis 2: groups of G tokens, one channel)
-               [B, H, N, D / G]            (axis 3: groups of G channels, one token)
-                                           (mn: last dim 0 for the symmetric formats)
-  res          [B, H, Nr, D]               full-precision residual (newest tokens)
+  scale, mn    [B, H, N / G, D]            (TOKEN_AXIS: groups of G tokens, one channel)
+               [B, H, N, D / G]            (CHANNEL_AXIS: groups of G channels, one token)
+                                           (mn: last dim 0 for the formats that store no minimum)
 
-The state stores each of codes, scale, mn and res with PAD unused leading rows along dim 2 (see
-state.py: it keeps every dynamic size >= 2, so Dynamo never specializes a size to 0 or 1 and a
-generation compiles a bounded, small number of graphs). Functions named `*_padded` take padded
-tensors; the others take plain ones. The packed storage (codes, scale, mn) may have spare rows
-after its Nq tokens, so that appending writes in place; ops are told Nq (`meta[3]`).
-
-Storage formats (`fmt`, methods/__init__.py; an op's meta is (bits, group, axis, nq[, fmt]) and a
-4-element meta means KIVI):
-
-KIVI, asymmetric b-bit quantization of a group x: mn = min(x), scale = (max(x) - mn) / (2^b - 1),
-code = clamp(floor((x - mn) / scale + 0.5), 0, 2^b - 1), dequantized code * scale + mn.
-Arithmetic is float32; scale and mn are stored in the cache dtype, and codes are computed with the
-stored scale, so that dequantization inverts exactly what was stored. A constant group has
-scale 0 and dequantizes to mn exactly.
-
-NF, NFH, INT8, FP8 (methods nqkv, nqkv with hadamard=True, int8, fp8): symmetric, one scale per group
-and no minimum (mn has width 0); the per-group arithmetic is in methods/nqkv.py, int8.py and fp8.py
-(NFH: NF in the basis of each block's Hadamard transform, nqkv.fwht before quantizing and after
-dequantizing). 8-bit codes take one byte each; 3-bit codes 3 bytes per 8 codes.
-
-The Triton twins (triton_quantize.py, triton_attention.py) implement every format.
+`quantize` / `dequantize` take plain (unpadded) tensors and a Layout; the read functions (`full`,
+`attention`, `qk`, `pv`) take `Packed` cache tensors (layout.py: padded, with their counts). The
+arithmetic of each storage format is its method's (`layout.fmt`, methods/*.py); a format with a
+transform (NFH) is transformed before quantizing and after dequantizing. The Triton twins
+(triton_quantize.py, triton_attention.py) implement every format.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..methods import FP8, INT8, KIVI, NF, NFH, fp8, int8, nqkv
-
-TOKEN_AXIS = 2
-CHANNEL_AXIS = 3
-PAD = 2
+from ..layout import PAD, TOKEN_AXIS, Layout, Packed
 
 
 def unpad(t: Tensor) -> Tensor:
@@ -94,120 +73,98 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
-def _grouped(x: Tensor, group: int, axis: int) -> Tensor:
+def _grouped(x: Tensor, layout: Layout) -> Tuple[Tensor, int]:
+    """x [B, H, N, D] with its groups along a dim of their own, and that dim."""
     B, H, N, D = x.shape
-    if axis == TOKEN_AXIS:
-        return x.reshape(B, H, N // group, group, D)  # reduce over dim 3
-    return x.reshape(B, H, N, D // group, group)  # reduce over dim 4
+    g = layout.group
+    if layout.axis == TOKEN_AXIS:
+        return x.reshape(B, H, N // g, g, D), 3
+    return x.reshape(B, H, N, D // g, g), 4
 
 
-def _reduce_dim(axis: int) -> int:
-    return 3 if axis == TOKEN_AXIS else 4
+def quantize(x: Tensor, layout: Layout) -> Tuple[Tensor, Tensor, Tensor]:
+    """x [B, H, N, D] -> (codes, scale, mn) in `layout`'s storage format (module docstring)."""
+    fmt = layout.fmt
+    xg, rd = _grouped(x.float(), layout)
+    if fmt.transform is not None:  # per-token blocks: the group is the last dim
+        xg = fmt.transform(xg)
+    q, scale, mn = fmt.quantize(xg, layout.bits, x.dtype, rd)
+    scale = scale.squeeze(rd)
+    mn = scale.new_zeros((*scale.shape[:3], 0)) if mn is None else mn.squeeze(rd)
+    return pack(q.reshape(x.shape), layout.bits).contiguous(), scale.contiguous(), mn.contiguous()
 
 
-_SYMMETRIC = {NF: nqkv, NFH: nqkv, INT8: int8, FP8: fp8}
-
-
-def _symmetric(fmt: int):
-    """The method module holding the per-group arithmetic of a symmetric format."""
-    if fmt not in _SYMMETRIC:
-        raise ValueError(f"unknown storage format {fmt}; valid: {KIVI} (kivi), {NF} (nf), {NFH} (nf of Hadamard "
-                         f"blocks), {INT8} (int8), {FP8} (fp8)")
-    return _SYMMETRIC[fmt]
-
-
-def quantize(x: Tensor, bits: int, group: int, axis: int, fmt: int = KIVI) -> Tuple[Tensor, Tensor, Tensor]:
-    """x [B, H, N, D] -> (codes, scale, mn), see the module docstring for the layouts and formats."""
-    B, H, N, D = x.shape
-    xg = _grouped(x.float(), group, axis)
-    rd = _reduce_dim(axis)
-    if fmt != KIVI:
-        if fmt == NFH:  # blocks run along the channels (the last dim of xg)
-            xg = nqkv.fwht(xg)
-        q, scale = _symmetric(fmt).quantize(xg, bits, x.dtype, rd)
-        scale = scale.squeeze(rd)
-        codes = pack(q.reshape(B, H, N, D), bits)
-        return codes.contiguous(), scale.contiguous(), scale.new_zeros((*scale.shape[:3], 0))
-    qmax = (1 << bits) - 1
-    mn = xg.amin(dim=rd, keepdim=True)
-    mx = xg.amax(dim=rd, keepdim=True)
-    scale = ((mx - mn) / qmax).to(x.dtype)
-    s = scale.float()
-    q = torch.floor((xg - mn) / s + 0.5).clamp_(0, qmax)
-    q = torch.where(s > 0, q, torch.zeros_like(q))
-    codes = pack(q.to(torch.uint8).reshape(B, H, N, D), bits)
-    return codes.contiguous(), scale.squeeze(rd).contiguous(), mn.squeeze(rd).to(x.dtype).contiguous()
-
-
-def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group: int, axis: int, head_dim: int,
-               fmt: int = KIVI) -> Tensor:
+def dequantize(codes: Tensor, scale: Tensor, mn: Tensor, layout: Layout, head_dim: int) -> Tensor:
     """(codes, scale, mn) -> [B, H, N, D] in the dtype of `scale`."""
+    fmt = layout.fmt
     B, H, N, _ = codes.shape
-    rd = _reduce_dim(axis)
-    if fmt != KIVI:
-        q = _grouped(unpack(codes, bits).reshape(B, H, N, head_dim), group, axis)
-        x = _symmetric(fmt).dequantize(q, scale.unsqueeze(rd), bits)
-        if fmt == NFH:
-            x = nqkv.fwht(x)
-        return x.reshape(B, H, N, head_dim).to(scale.dtype)
-    q = unpack(codes, bits).float().reshape(B, H, N, head_dim)
-    qg = _grouped(q, group, axis)
-    x = qg * scale.float().unsqueeze(rd) + mn.float().unsqueeze(rd)
+    q, rd = _grouped(unpack(codes, layout.bits).reshape(B, H, N, head_dim), layout)
+    x = fmt.dequantize(q, scale.unsqueeze(rd), mn.unsqueeze(rd) if fmt.has_min else None, layout.bits)
+    if fmt.transform is not None:
+        x = fmt.transform(x)
     return x.reshape(B, H, N, head_dim).to(scale.dtype)
 
 
-def used_rows(codes: Tensor, scale: Tensor, mn: Tensor, group: int, axis: int, nq) -> Tuple[Tensor, Tensor, Tensor]:
-    """The padded codes, scale and mn cut to their first Nq tokens (storage may hold spare capacity)."""
-    ns = nq // group if axis == TOKEN_AXIS else nq
-    return codes[:, :, :PAD + nq], scale[:, :, :PAD + ns], mn[:, :, :PAD + ns]
+def qdq(x: Tensor, layout: Layout) -> Tensor:
+    """x quantized and dequantized at once (the eager reference of the semantics: fakequant.py)."""
+    return dequantize(*quantize(x, layout), layout, x.shape[-1])
 
 
-def full_padded(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int,
-                nq=None, fmt: int = KIVI, skip=0) -> Tensor:
-    """The whole cache [B, H, Nq - skip + Nr, D] from padded inner tensors: dequantized tokens, then the
-    residual. `nq`: how many tokens the packed storage holds (None: all its rows, no spare capacity);
-    `fmt`: the storage format; `skip`: how many of the nq a sliding window has dropped. Takes `*meta`
-    after the tensors."""
-    if nq is not None:
-        codes, scale, mn = used_rows(codes, scale, mn, group, axis, nq)
-    x = full(unpad(codes), unpad(scale), unpad(mn), unpad(res), bits, group, axis, fmt)
-    return x[:, :, skip:].contiguous() if skip else x
-
-
-def full(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, bits: int, group: int, axis: int,
-         fmt: int = KIVI) -> Tensor:
-    """The whole cache [B, H, Nq + Nr, D]: dequantized tokens, then the residual.
-    bits >= 16 means nothing is quantized (method "none"). There is no branch on Nq == 0: under
-    Dynamo it would become a guard and specialize the size."""
-    if bits >= 16:
+def full(p: Packed) -> Tensor:
+    """The whole cache [B, H, T, D] of a packed tensor: tokens [skip, nq) of the packed storage
+    dequantized, then the residual. There is no branch on nq == 0: under Dynamo it would become a
+    guard and specialize the size."""
+    lay, res = p.layout, unpad(p.res)
+    if not lay.quantized:
         return res
-    return torch.cat([dequantize(codes, scale, mn, bits, group, axis, res.shape[-1], fmt), res], dim=2)
+    ns = lay.scale_rows(p.nq)
+    x = dequantize(p.codes[:, :, PAD:PAD + p.nq], p.scale[:, :, PAD:PAD + ns], p.mn[:, :, PAD:PAD + ns], lay,
+                   res.shape[-1])
+    x = torch.cat([x, res], dim=2)
+    return x[:, :, p.skip:].contiguous() if p.skip else x
 
 
-def rotate(x: Tensor, block: int) -> Tensor:
-    """x @ diag(H_block, H_block, ...) over the last dim (nqkv.fwht), in float32."""
-    shape = x.shape
-    return nqkv.fwht(x.float().reshape(*shape[:-1], shape[-1] // block, block)).reshape(shape)
+def rotate(x: Tensor, layout: Layout) -> Tensor:
+    """x with every block of `layout.group` channels of its last dim transformed as the layout's format
+    transforms its groups (NFH: x @ diag(H, H, ...)), in float32."""
+    g = layout.group
+    return layout.fmt.transform(x.float().reshape(*x.shape[:-1], x.shape[-1] // g, g)).reshape(x.shape)
 
 
-def hadamard_block(meta) -> int:
-    """The block size of an NFH cache tensor (nqkv with hadamard=True), 0 for any other."""
-    return int(meta[1]) if len(meta) >= 5 and int(meta[4]) == NFH and int(meta[0]) < 16 else 0
+def in_basis(q: Optional[Tensor], k: Optional[Packed], v: Optional[Packed], float32: bool = False
+             ) -> Tuple[Optional[Tensor], Optional[Packed], Optional[Packed], Callable[[Tensor], Tensor]]:
+    """Attention over a format stored in a transformed basis (NFH: each block times H, H symmetric and
+    H H = I) runs in that basis, so that the cache is never transformed back: q k^T = (q H)(k H)^T and
+    sum_j p_j v_j = (sum_j p_j (v_j H)) H.
+
+    Returns (q, k, v, back): q transformed if the keys are; each transformed cache tensor with its
+    residual transformed and its codes read as the format's plain one; `back` transforms an output back
+    if the values are transformed. With float32=False every tensor keeps its dtype (the reference);
+    with True (the Triton launchers) q, the residuals and the output come back in float32."""
+    def keep(like: Tensor, x: Tensor) -> Tensor:
+        return x.float() if float32 else x.to(like.dtype)
+
+    def plain(p: Optional[Packed]) -> Optional[Packed]:
+        if p is None:
+            return None
+        if p.layout.fmt.transform is None:
+            return p._replace(res=keep(p.res, p.res))
+        return p._replace(res=keep(p.res, rotate(p.res, p.layout)), layout=p.layout._replace(format=p.layout.fmt.plain))
+
+    if q is not None:
+        q = keep(q, rotate(q, k.layout) if k is not None and k.layout.fmt.transform else q)
+    if v is not None and v.layout.fmt.transform:
+        vl = v.layout
+        return q, plain(k), plain(v), lambda out: keep(out, rotate(out, vl))
+    return q, plain(k), plain(v), lambda out: out
 
 
-def in_basis(t: Tuple[Tensor, Tensor, Tensor, Tensor], meta: Tuple[int, ...]):
-    """An NFH cache tensor (nqkv with hadamard=True) seen in its Hadamard basis: (padded tensors, meta,
-    block) whose `full_padded` is the cache times H (the NF codes as stored, the residual transformed),
-    so attention need not transform the whole cache back every step: q k^T = (q H)(k H)^T and
-    sum_j p_j v_j = (sum_j p_j (v_j H)) H, with H symmetric and H H = I. Other tensors: unchanged, 0."""
-    g = hadamard_block(meta)
-    if not g:
-        return t, meta, 0
-    codes, scale, mn, res = t
-    return (codes, scale, mn, rotate(res, g).to(res.dtype)), (*meta[:4], NF, *meta[5:]), g
+def transformed(*packed: Packed) -> bool:
+    """Whether any of these cache tensors is stored in a transformed basis (in_basis)."""
+    return any(p.layout.fmt.transform is not None for p in packed)
 
 
-def _repeat_heads(x: Tensor, hq: int) -> Tensor:
+def repeat_heads(x: Tensor, hq: int) -> Tensor:
     """[B, Hkv, T, D] -> [B, Hq, T, D], each KV head serving Hq / Hkv consecutive query heads."""
     B, H, T, D = x.shape
     if hq == H:
@@ -215,58 +172,32 @@ def _repeat_heads(x: Tensor, hq: int) -> Tensor:
     return x[:, :, None].expand(B, H, hq // H, T, D).reshape(B, hq, T, D)
 
 
-def attention(
-    q: Tensor,
-    k: Tuple[Tensor, Tensor, Tensor, Tensor],
-    v: Tuple[Tensor, Tensor, Tensor, Tensor],
-    k_meta: Tuple[int, ...],
-    v_meta: Tuple[int, ...],
-    attn_mask: Optional[Tensor] = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    enable_gqa: bool = False,
-) -> Tensor:
-    """scaled_dot_product_attention of q [B, Hq, L, D] over the (packed) keys and values.
-
-    k, v: padded (codes, scale, mn, res) with Hkv heads; Hkv divides Hq (GQA/MQA).
-    k_meta, v_meta: (bits, group, axis, nq[, fmt]), nq the number of quantized tokens (the packed storage
-    may have spare rows after them), fmt the storage format (KIVI if absent). Returns [B, Hq, L, Dv],
-    contiguous. NFH keys / values are attended in their Hadamard basis (`in_basis`): the query and the
-    residual are transformed, and the output transformed back, in the cache dtype.
-    """
-    k, k_meta, gk = in_basis(k, k_meta)
-    v, v_meta, gv = in_basis(v, v_meta)
-    if gk:
-        q = rotate(q, gk).to(q.dtype)
-    K = full_padded(*k, *k_meta)
-    V = full_padded(*v, *v_meta)
+def attention(q: Tensor, k: Packed, v: Packed, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """scaled_dot_product_attention of q [B, Hq, L, D] over packed keys and values with Hkv heads (Hkv
+    divides Hq: GQA/MQA) -> [B, Hq, L, Dv], contiguous. Transformed formats attend in their basis
+    (in_basis), in the cache dtype."""
+    q, k, v, back = in_basis(q, k, v)
+    K, V = full(k), full(v)
     hq = q.shape[1]
     if enable_gqa and hq != K.shape[1]:  # as the replaced call did (SDPA's GQA path rounds differently)
         out = torch.nn.functional.scaled_dot_product_attention(
             q, K, V, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=True)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, _repeat_heads(K, hq), _repeat_heads(V, hq), attn_mask=attn_mask, dropout_p=dropout_p,
+            q, repeat_heads(K, hq), repeat_heads(V, hq), attn_mask=attn_mask, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale,
         )
-    if gv:
-        out = rotate(out, gv).to(out.dtype)
-    return out.contiguous()
+    return back(out).contiguous()
 
 
-def qk(q: Tensor, k: Tuple[Tensor, Tensor, Tensor, Tensor], k_meta: Tuple[int, ...]) -> Tensor:
-    """q [B, Hq, L, D] @ K^T -> scores [B, Hq, L, T] (eager attention's first matmul); NFH in its basis."""
-    k, k_meta, gk = in_basis(k, k_meta)
-    if gk:
-        q = rotate(q, gk).to(q.dtype)
-    K = _repeat_heads(full_padded(*k, *k_meta), q.shape[1])
-    return torch.matmul(q, K.transpose(2, 3)).contiguous()
+def qk(q: Tensor, k: Packed) -> Tensor:
+    """q [B, Hq, L, D] @ K^T -> scores [B, Hq, L, T] (eager attention's first matmul)."""
+    q, k, _, _ = in_basis(q, k, None)
+    return torch.matmul(q, repeat_heads(full(k), q.shape[1]).transpose(2, 3)).contiguous()
 
 
-def pv(p: Tensor, v: Tuple[Tensor, Tensor, Tensor, Tensor], v_meta: Tuple[int, ...]) -> Tensor:
-    """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] (eager attention's second matmul); NFH in its basis."""
-    v, v_meta, gv = in_basis(v, v_meta)
-    V = _repeat_heads(full_padded(*v, *v_meta), p.shape[1])
-    out = torch.matmul(p, V)
-    return (rotate(out, gv).to(out.dtype) if gv else out).contiguous()
+def pv(p: Tensor, v: Packed) -> Tensor:
+    """probs [B, Hq, L, T] @ V -> [B, Hq, L, Dv] (eager attention's second matmul)."""
+    _, _, v, back = in_basis(None, None, v)
+    return back(torch.matmul(p, repeat_heads(full(v), p.shape[1]))).contiguous()

@@ -13,34 +13,39 @@ that is > 0. Memory per element: 8 + 16 / head_dim bits with a 16-bit cache.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..config import Config
-from . import CHANNEL_AXIS, Layout
+from ..layout import Layout
+from .base import Format, Method, per_token_layouts
 
-FP8 = torch.float8_e4m3fn
+if TYPE_CHECKING:
+    from ..config import Config
+
+E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
-def quantize(xg: Tensor, bits: int, dtype: torch.dtype, dim: int) -> Tuple[Tensor, Tensor]:
-    """Groups along `dim` of xg (float32) -> (codes uint8 shaped as xg, scale keepdim in `dtype`)."""
+def quantize(xg: Tensor, bits: int, dtype: torch.dtype, dim: int) -> Tuple[Tensor, Tensor, None]:
+    """Groups along `dim` of xg (float32) -> (codes uint8 shaped as xg, scale keepdim in `dtype`, None)."""
     scale = (xg.abs().amax(dim=dim, keepdim=True) / FP8_MAX).to(dtype)
     s = scale.float()
     u = torch.where(s > 0, xg / s, 0.0).clamp_(-FP8_MAX, FP8_MAX)
-    return u.to(FP8).view(torch.uint8), scale
+    return u.to(E4M3).view(torch.uint8), scale, None
 
 
-def dequantize(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
+def dequantize(codes: Tensor, scale: Tensor, mn: Optional[Tensor], bits: int) -> Tensor:
     """Stored bytes and their groups' scale (broadcastable) -> float32 values."""
-    return codes.view(FP8).float() * scale.float()
+    return codes.view(E4M3).float() * scale.float()
 
 
-def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
-    r = config.residual_length
-    return (
-        Layout("fp8", "k", 8, head_dim, CHANNEL_AXIS, r),
-        Layout("fp8", "v", 8, head_dim, CHANNEL_AXIS, r),
-    )
+FORMAT = Format("fp8", bits=(8,), has_min=False, kernel=3, quantize=quantize, dequantize=dequantize)
+
+
+def layouts(config: "Config", head_dim: int) -> Tuple[Layout, Layout]:
+    return per_token_layouts(config, FORMAT.name, (8, 8), head_dim)  # one group: the whole head
+
+
+METHOD = Method("fp8", (FORMAT,), layouts, default_bits=8)

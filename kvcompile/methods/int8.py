@@ -14,34 +14,39 @@ newest `residual_length` tokens if that is > 0. Memory per element: 8 + 16 / hea
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..config import Config
-from . import CHANNEL_AXIS, Layout
+from ..layout import Layout
+from .base import Format, Method, per_token_layouts
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 QMAX = 127
 ZERO = 128  # the stored byte of code 0
 
 
-def quantize(xg: Tensor, bits: int, dtype: torch.dtype, dim: int) -> Tuple[Tensor, Tensor]:
-    """Groups along `dim` of xg (float32) -> (codes uint8 shaped as xg, scale keepdim in `dtype`)."""
+def quantize(xg: Tensor, bits: int, dtype: torch.dtype, dim: int) -> Tuple[Tensor, Tensor, None]:
+    """Groups along `dim` of xg (float32) -> (codes uint8 shaped as xg, scale keepdim in `dtype`, None)."""
     scale = (xg.abs().amax(dim=dim, keepdim=True) / QMAX).to(dtype)
     s = scale.float()
     q = torch.where(s > 0, torch.floor(xg / s + 0.5), 0.0).clamp_(-QMAX, QMAX)
-    return (q + ZERO).to(torch.uint8), scale
+    return (q + ZERO).to(torch.uint8), scale, None
 
 
-def dequantize(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
+def dequantize(codes: Tensor, scale: Tensor, mn: Optional[Tensor], bits: int) -> Tensor:
     """Stored bytes and their groups' scale (broadcastable) -> float32 values (byte - 128) * scale."""
     return (codes.float() - ZERO) * scale.float()
 
 
-def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
-    r = config.residual_length
-    return (
-        Layout("int8", "k", 8, head_dim, CHANNEL_AXIS, r),
-        Layout("int8", "v", 8, head_dim, CHANNEL_AXIS, r),
-    )
+FORMAT = Format("int8", bits=(8,), has_min=False, kernel=2, quantize=quantize, dequantize=dequantize)
+
+
+def layouts(config: "Config", head_dim: int) -> Tuple[Layout, Layout]:
+    return per_token_layouts(config, FORMAT.name, (8, 8), head_dim)  # one group: the whole head
+
+
+METHOD = Method("int8", (FORMAT,), layouts, default_bits=8)

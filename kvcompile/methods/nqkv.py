@@ -32,22 +32,26 @@ sample NF levels are built for. Keys' outlier channels otherwise set every block
 on SmolLM2: README). `fwht` computes x @ H_n with log2(n) add/subtract butterflies, all elementwise,
 so the result does not depend on how many tokens are transformed together.
 
-Storage: 4- and 2-bit codes are packed 2 and 4 a byte (low bits first); 3-bit codes 8 in 3 bytes
-(one little-endian 24-bit word), so head_dim must be a multiple of 8 for them. One scale per block,
-no minimum: memory per element bits + 16 / block_size with a 16-bit cache.
+Storage formats "nf" and "nfh" (NF of the Hadamard-transformed blocks; the kernels read it as "nf"
+in the transformed basis): 4- and 2-bit codes are packed 2 and 4 a byte (low bits first); 3-bit codes
+8 in 3 bytes (one little-endian 24-bit word), so head_dim must be a multiple of 8 for them. One scale
+per block, no minimum: memory per element bits + 16 / block_size with a 16-bit cache.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..config import Config
-from . import CHANNEL_AXIS, Layout, check_packing
+from ..layout import Layout
+from .base import Format, Method, check_packing, per_token_layouts
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,21 +93,27 @@ def fwht(x: Tensor) -> Tensor:
     return x * (1.0 / math.sqrt(n))
 
 
-def quantize(xg: Tensor, bits: int, dtype: torch.dtype, dim: int) -> Tuple[Tensor, Tensor]:
-    """Blocks along `dim` of xg (float32) -> (codes uint8 shaped as xg, scale keepdim in `dtype`)."""
+def quantize(xg: Tensor, bits: int, dtype: torch.dtype, dim: int) -> Tuple[Tensor, Tensor, None]:
+    """Blocks along `dim` of xg (float32) -> (codes uint8 shaped as xg, scale keepdim in `dtype`, None)."""
     scale = xg.abs().amax(dim=dim, keepdim=True).to(dtype)
     s = scale.float()
     u = torch.where(s > 0, xg / s, 0.0)
     codes = torch.bucketize(u, midpoints(bits, xg.device), right=False)
-    return codes.to(torch.uint8), scale
+    return codes.to(torch.uint8), scale, None
 
 
-def dequantize(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
+def dequantize(codes: Tensor, scale: Tensor, mn: Optional[Tensor], bits: int) -> Tensor:
     """codes (uint8) and their blocks' scale (broadcastable) -> float32 values level[code] * scale."""
     return levels(bits, codes.device)[codes.long()] * scale.float()
 
 
-def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
+NF = Format("nf", bits=(2, 3, 4), has_min=False, kernel=1, quantize=quantize, dequantize=dequantize, levels=levels,
+            bounds=midpoints)
+NFH = Format("nfh", bits=NF.bits, has_min=False, kernel=None, quantize=quantize, dequantize=dequantize,
+             transform=fwht, plain="nf")
+
+
+def layouts(config: "Config", head_dim: int) -> Tuple[Layout, Layout]:
     bs = min(config.block_size, head_dim)
     if head_dim % bs:
         divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
@@ -119,8 +129,7 @@ def layouts(config: Config, head_dim: int) -> Tuple[Layout, Layout]:
             f"{head_dim}) = {bs} is not (valid block sizes here: {', '.join(map(str, powers)) or 'none'})"
         )
     check_packing(head_dim, k_bits=config.key_bits, v_bits=config.value_bits)
-    r, h = config.residual_length, config.hadamard
-    return (
-        Layout("nqkv", "k", config.key_bits, bs, CHANNEL_AXIS, r, h),
-        Layout("nqkv", "v", config.value_bits, bs, CHANNEL_AXIS, r, h),
-    )
+    return per_token_layouts(config, (NFH if config.hadamard else NF).name, (config.key_bits, config.value_bits), bs)
+
+
+METHOD = Method("nqkv", (NF, NFH), layouts, default_bits=4)

@@ -24,7 +24,6 @@ of transformers' own layer (slice, then the cache's bookkeeping).
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Dict, List
 
@@ -88,7 +87,7 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
         returned = upd.cat if upd.window is None else upd.window  # the graph output the cache keeps
         where = "" if upd.window is None else f", sliding window: keeps cat[:, :, {upd.window_start}:]"
         if upd.window is not None:
-            layout = dataclasses.replace(layout, window=True)
+            layout = layout._replace(window=True)
         if upd.past is not None and isinstance(val(upd.past), KVState):
             with graph.inserting_after(upd.cat):
                 s1 = graph.call_function(kv_append, (upd.past, upd.new))
@@ -105,7 +104,7 @@ def rewrite(gm: fx.GraphModule, config: Config) -> GraphReport:
             entries[upd.cat] = Entry(upd.cat.name, _ROLE[upd.role], f"quantized (decode: fused attention{where})")
         else:
             with graph.inserting_after(returned):
-                st = graph.call_function(kv_store, (returned, dataclasses.astuple(layout)))
+                st = graph.call_function(kv_store, (returned, layout))
             output.replace_input_with(returned, st)
             entries[upd.cat] = Entry(upd.cat.name, _ROLE[upd.role], f"quantized (prefill: stored{where})")
         counters["kvquant"]["cache_updates_quantized"] += 1
@@ -169,8 +168,7 @@ def _rewrite_static(graph: fx.Graph, upd: CacheUpdate, config: Config, both, lay
     target = upd.cat
     if upd.past is None:  # prefill: the zero-filled buffer becomes a fixed-size state
         with graph.inserting_after(upd.cat):
-            target = graph.call_function(kv_static_empty, (upd.cat, dataclasses.astuple(
-                dataclasses.replace(layout, static=True))))
+            target = graph.call_function(kv_static_empty, (upd.cat, layout._replace(static=True)))
         upd.cat.replace_all_uses_with(target, delete_user_cb=lambda n: n is not target)
     with graph.inserting_before(upd.write):
         graph.call_function(kv_static_write, (target, *upd.write.args[1:]))

@@ -1,0 +1,144 @@
+"""What one cache tensor is: its `Layout` (fixed when the graph is compiled) and its `Packed` tensors.
+
+A `Layout` is built once, by a method from the user's `Config` (methods/<method>.py: `layouts`), and
+then travels as it is: the FX pass puts it in the graph, the state keeps it as its flatten context, the
+ops receive it and the kernel launchers read their constants from it. Nothing downstream re-derives a
+field from another. Across the torch.library op boundary, which takes schema types only, it travels as
+its `key` string and comes back as the same record (`Layout.from_key`).
+
+A `Packed` is one cache tensor at run time: the padded inner tensors of a state (see state.py) with
+their Layout and the two counts that change every step:
+
+  codes  uint8 [B, H, PAD + C, D*bits/8]   packed codes of the nq oldest tokens, then spare rows
+                                           (3-bit codes: 8 in 3 bytes)
+  scale  [B, H, PAD + C/G, D] (axis TOKEN_AXIS) or [B, H, PAD + C, D/G] (axis CHANNEL_AXIS)
+  mn     same shape as scale where the format stores a minimum, else last dim 0
+  res    [B, H, PAD + Nr, D]   the newest Nr tokens in full precision
+  nq     rows of packed storage in use (the skip dropped ones included)
+  skip   the oldest packed rows a sliding window has dropped (0 for other layers)
+
+The cache it stands for is tokens [skip, nq) of the packed storage, then the residual:
+T = nq - skip + Nr. PAD unused leading rows keep every dynamic size >= 2 (state.py says why).
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from typing import TYPE_CHECKING, NamedTuple, Tuple, Union
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .methods import Format
+
+SymInt = Union[int, torch.SymInt]
+
+TOKEN_AXIS = 2  # groups of consecutive tokens of one channel (kivi's keys)
+CHANNEL_AXIS = 3  # groups of consecutive channels of one token
+PAD = 2  # unused leading rows of every inner tensor along dim 2 (state.py)
+
+
+class Layout(NamedTuple):
+    """How one cache tensor (the keys or the values of one layer) is stored. Hashable, literals only
+    (it is an FX graph constant and the state's flatten context)."""
+
+    method: str  # whose policy moves tokens out of the residual (methods/<method>.py)
+    role: str  # "k" or "v"
+    format: str  # the storage format of the codes (methods.FORMATS)
+    bits: int  # bits per code (16 for format "none": nothing quantized)
+    group: int  # group size along `axis` (a block of channels for the per-token formats)
+    axis: int  # TOKEN_AXIS or CHANNEL_AXIS
+    residual: int  # R: the full-precision window
+    window: bool = False  # a sliding-window layer: the state drops its oldest tokens (state.kv_window)
+    static: bool = False  # a fixed-size buffer written in place at given positions (state.kv_static_write)
+
+    @property
+    def fmt(self) -> "Format":
+        """The storage format's record (methods.FORMATS)."""
+        from .methods import FORMATS
+
+        return FORMATS[self.format]
+
+    @property
+    def quantized(self) -> bool:
+        return self.format != "none"
+
+    def n_quantize(self, n_res: SymInt) -> SymInt:
+        """How many of the oldest residual tokens to quantize now (after attention has read them)."""
+        if not self.quantized:
+            return 0
+        from .methods import METHODS
+
+        return METHODS[self.method].n_quantize(self, n_res)
+
+    def scale_rows(self, n: SymInt) -> SymInt:
+        """Rows of scale (and mn) that n tokens of packed codes take."""
+        return n // self.group if self.axis == TOKEN_AXIS else n
+
+    @property
+    def drop_quantum(self) -> int:
+        """Packed rows are freed in multiples of this (keys grouped along tokens: whole scale rows)."""
+        return self.group if self.axis == TOKEN_AXIS else 1
+
+    def capacity(self, need: SymInt) -> SymInt:
+        """Tokens of packed storage to allocate when `need` do not fit: need plus 1/64 (so the bytes
+        held stay within a few percent of the packed size), rounded up to whole groups (keys: scale
+        rows cover G tokens) or to 32 tokens (values). Growing copies the storage once per
+        ~need/64 tokens, or at most once per key flush (R tokens) while need/64 < R."""
+        quantum = self.group if self.axis == TOKEN_AXIS else 32
+        want = need + need // 64
+        return ((want + quantum - 1) // quantum) * quantum
+
+    def widths(self, head_dim: int) -> Tuple[int, int, int]:
+        """Last-dim sizes of (codes, scale, mn) rows: codes rows are tokens; scale and mn rows are groups
+        of tokens (token axis) or tokens (channel axis). A format with no minimum stores mn of width 0."""
+        if not self.quantized:
+            return 0, 0, 0
+        codes = head_dim * self.bits // 8
+        scale = head_dim if self.axis == TOKEN_AXIS else head_dim // self.group
+        return codes, scale, scale if self.fmt.has_min else 0
+
+    @property
+    def key(self) -> str:
+        """The record as a string, for the torch.library ops (`from_key` gives it back)."""
+        return ",".join(f"{name}={value}" for name, value in zip(self._fields, self))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def from_key(key: str) -> "Layout":
+        fields = dict(item.split("=", 1) for item in key.split(","))
+        parse = {str: str, int: int, bool: lambda s: s == "True"}
+        kinds = typing.get_type_hints(Layout)
+        return Layout(**{name: parse[kinds[name]](fields[name]) for name in Layout._fields})
+
+
+class Packed(NamedTuple):
+    """One cache tensor as the ops and kernels read it (module docstring)."""
+
+    codes: Tensor
+    scale: Tensor
+    mn: Tensor
+    res: Tensor
+    layout: Layout
+    nq: SymInt
+    skip: SymInt = 0
+
+    @property
+    def tensors(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.codes, self.scale, self.mn, self.res
+
+    @property
+    def ntok(self) -> SymInt:
+        """T, the tokens of the cache: nq - skip packed ones, then the residual."""
+        return self.nq - self.skip + self.res.shape[2] - PAD
+
+    def op_args(self) -> tuple:
+        """The arguments a torch.library op takes for this tensor (`from_op` is the inverse)."""
+        return (*self.tensors, self.layout.key, self.nq, self.skip)
+
+    @staticmethod
+    def from_op(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, key: str, nq: SymInt, skip: SymInt
+                ) -> "Packed":
+        return Packed(codes, scale, mn, res, Layout.from_key(key), nq, skip)
