@@ -7,10 +7,11 @@ helpers below.
 """
 
 from .config import Config
+from .errors import KVQuantOptionError
 from .report import KVQuantWarning, explain, reports, reset
 from .state import KVState, nbytes
 
-__all__ = ["Config", "KVQuantWarning", "KVState", "explain", "reports", "reset", "nbytes", "cache_nbytes",
+__all__ = ["Config", "KVQuantOptionError", "KVQuantWarning", "KVState", "explain", "reports", "reset", "nbytes", "cache_nbytes",
            "cache_tensors"]
 __version__ = "0.1.0"
 

@@ -6,29 +6,23 @@ Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 import torch.fx as fx
 
+from .buffers import swapping
 from .config import Config
+from .errors import KVQuantOptionError, KVQuantWarning
 from .passes.rewrite import rewrite
+from .report import log
 
-
-def _passthrough_error(e: ValueError) -> Exception:
-    """Dynamo wraps backend exceptions in BackendCompilerFailed; a bad option should reach the user
-    as the ValueError it is. Dynamo re-raises its ShortenTraceback family as is, so the error is
-    given that base too (it stays a ValueError)."""
-    try:
-        from torch._dynamo.exc import ShortenTraceback
-    except ImportError:  # pragma: no cover - other torch versions
-        return e
-
-    class KVQuantOptionError(ShortenTraceback, ValueError):
-        pass
-
-    err = KVQuantOptionError(str(e), first_useful_frame=None)
-    return err
+# A generation compiles a few graphs per shape it meets (prefill, decode with the packed storage
+# appending or growing, per batch size, padding and cache kind); several generate() calls with other
+# settings pass Dynamo's default limit of 8 per frame, after which the frame would run uncompiled.
+RECOMPILE_LIMIT = 64
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: List[Any], config: Config) -> Callable:
@@ -44,11 +38,76 @@ def compile_graph(gm: fx.GraphModule, example_inputs: List[Any], config: Config)
     return compile_fx(gm, example_inputs)
 
 
+def _raises(error: KVQuantOptionError) -> Callable:
+    """A compiled graph that raises the options' error when called: the user gets the error as it is
+    (a KVQuantOptionError, not wrapped in Dynamo's BackendCompilerFailed), before anything is computed."""
+    message = str(error)
+
+    def bad_options(*args: Any) -> Any:
+        raise KVQuantOptionError(message)
+
+    return bad_options
+
+
+def _graph_break(gm: fx.GraphModule) -> Optional[str]:
+    """Where and why Dynamo ended this graph at a graph break (None if it ended at the frame's return)."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return None
+    where = ""
+    if getattr(reason, "user_stack", None):
+        top = reason.user_stack[-1]
+        where = f" at {top.filename}:{top.lineno}"
+    first = str(reason.reason).strip().splitlines()[0] if str(reason.reason).strip() else "a graph break"
+    return f"{first}{where}"
+
+
+def _raise_recompile_limit() -> None:
+    """Give the compiled region being traced (the user's torch.compile call) a recompile limit of at least
+    RECOMPILE_LIMIT, as `torch.compile(..., recompile_limit=N)` would: only frames compiled with kvquant
+    are affected. A private part of Dynamo: where it is missing, the limit stays, and a frame that falls
+    back to eager is warned about by the state (state.warn_eager)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        convert = frame.f_locals.get("self")
+        if type(convert).__name__ == "ConvertFrameAssert" and hasattr(convert, "_recompile_limit"):
+            limit = convert._recompile_limit or torch._dynamo.config.recompile_limit
+            if limit < RECOMPILE_LIMIT:
+                convert._recompile_limit = RECOMPILE_LIMIT
+                log.info("kvquant: recompile limit of this compiled region raised from %d to %d", limit,
+                         RECOMPILE_LIMIT)
+            return
+        frame = frame.f_back
+
+
+def _without_grad(compiled: Callable) -> Callable:
+    """The rewritten attention has no backward: a graph traced with gradients on runs, and returns
+    outputs that do not require grad (said once per graph by a KVQuantWarning)."""
+
+    def run(*args: Any) -> Any:
+        with torch.no_grad():
+            return compiled(*args)
+
+    return run
+
+
 def kvquant(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None) -> Callable:
     """torch.compile backend: quantize the KV cache of any decoder. See README for the options."""
     try:
         config = Config.from_options(options)
-        rewrite(gm, config)  # raises ValueError if the options cannot fit a matched layer
-    except ValueError as e:
-        raise _passthrough_error(e) from None
-    return compile_graph(gm, example_inputs, config)
+        report = rewrite(gm, config, graph_break=_graph_break(gm))  # raises if the options cannot fit a layer
+    except KVQuantOptionError as e:
+        return _raises(e)
+    if not report.rewrote and not report.swaps:
+        return compile_graph(gm, example_inputs, config)
+    _raise_recompile_limit()
+    if report.rewrote and torch.is_grad_enabled() and \
+            any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        warnings.warn("kvquant: this graph was called with gradients enabled, but the quantized KV-cache ops have "
+                      "no backward: it runs without gradients (its outputs do not require grad). Call the model "
+                      "under torch.no_grad() or torch.inference_mode() for generation.", KVQuantWarning, stacklevel=2)
+        with torch.no_grad():
+            compiled = _without_grad(compile_graph(gm, example_inputs, config))
+    else:
+        compiled = compile_graph(gm, example_inputs, config)
+    return swapping(compiled, report.swaps) if report.swaps else compiled

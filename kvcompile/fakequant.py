@@ -38,6 +38,34 @@ from .layout import Layout
 from .methods import layouts, static_reason
 
 
+def compact(x: Tensor, n_q: int, layout: Layout) -> Tuple[Tensor, int]:
+    """A cache [B, H, T, D] whose n_q oldest tokens hold dequantized values, after this step's
+    quantization: (the cache, the new n_q)."""
+    n = int(layout.n_quantize(x.shape[2] - n_q))
+    if n == 0:
+        return x, n_q
+    deq = ref.qdq(x[:, :, n_q:n_q + n], layout)
+    return torch.cat([x[:, :, :n_q], deq, x[:, :, n_q + n:]], dim=2), n_q + n
+
+
+class FakeQuantStream:
+    """The semantics for a cache the model keeps itself (a tuple it returns and is fed back, an attribute):
+    call it on the whole cache tensor after each step's append, in the model's layout (Layout.logical),
+    and keep what it returns instead (attention reads the tensor before this call, as in the compiled
+    path). One per cache tensor."""
+
+    def __init__(self, config: Config, role: str, logical: str = "bhtd", heads: int = 0) -> None:
+        self.config, self.role, self.logical, self.heads, self.n_q = config, role, logical, heads, 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        probe = Layout("", self.role, "none", 16, 1, 0, 0, logical=self.logical, heads=self.heads)
+        c = probe.to_canonical(x)
+        both = layouts(self.config, c.shape[-1])
+        lay = (both[0] if self.role == "k" else both[1])._replace(logical=self.logical, heads=self.heads)
+        c, self.n_q = compact(c.contiguous(), self.n_q, lay)
+        return lay.from_canonical(c).contiguous()
+
+
 class _FakeQuant:
     """The bookkeeping shared by full and sliding layers: `n_q[role]` oldest tokens hold dequantized values."""
 
@@ -46,13 +74,8 @@ class _FakeQuant:
         self.n_q = {"k": 0, "v": 0}
 
     def _compact(self, x: Tensor, layout: Layout) -> Tensor:
-        n_q = self.n_q[layout.role]
-        n = int(layout.n_quantize(x.shape[2] - n_q))
-        if n == 0:
-            return x
-        deq = ref.qdq(x[:, :, n_q:n_q + n], layout)
-        self.n_q[layout.role] = n_q + n
-        return torch.cat([x[:, :, :n_q], deq, x[:, :, n_q + n:]], dim=2)
+        x, self.n_q[layout.role] = compact(x, self.n_q[layout.role], layout)
+        return x
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
         before = self.keys.shape[-2] if self.keys is not None else 0  # (a hybrid layer's is_initialized is its other part's)
@@ -69,7 +92,14 @@ class _FakeQuant:
         self.n_q = {"k": 0, "v": 0}
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("FakeQuantCache does not support crop")
+        """As the compiled state crops (state.kv_crop): the tokens kept keep their values; a key group the cut
+        splits goes back to the full-precision window (quantized again when its new group flushes)."""
+        super().crop(tokens_to_remove)
+        if self.keys is None or self.keys.dim() != 4:
+            return
+        kept = self.keys.shape[-2]
+        for lay in layouts(self.config, self.keys.shape[-1]):
+            self.n_q[lay.role] = min(self.n_q[lay.role], kept) // lay.drop_quantum * lay.drop_quantum
 
 
 class FakeQuantLayer(_FakeQuant, DynamicLayer):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import typing
-from typing import TYPE_CHECKING, NamedTuple, Tuple, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -53,6 +53,8 @@ class Layout(NamedTuple):
     residual: int  # R: the full-precision window
     window: bool = False  # a sliding-window layer: the state drops its oldest tokens (state.kv_window)
     static: bool = False  # a fixed-size buffer written in place at given positions (state.kv_static_write)
+    logical: str = "bhtd"  # the model's layout of the cache tensor (`logical_dims`); stored [B, H, T, D]
+    heads: int = 0  # H, where a dim of the model's layout merges the heads with another (else 0)
 
     @property
     def fmt(self) -> "Format":
@@ -100,6 +102,54 @@ class Layout(NamedTuple):
         scale = head_dim if self.axis == TOKEN_AXIS else head_dim // self.group
         return codes, scale, scale if self.fmt.has_min else 0
 
+    # -- the model's layout: the state looks like the tensor the model keeps, stores [B, H, T, D] --
+
+    @property
+    def groups(self) -> Tuple[str, ...]:
+        """One string of canonical letters (b, h, t, d; major first) per dim of the model's layout:
+        "bthd" -> ("b", "t", "h", "d"); "bt(hd)" -> ("b", "t", "hd"). A letter absent has size 1."""
+        return logical_dims(self.logical)
+
+    @property
+    def token_dim(self) -> int:
+        """The dim of the model's layout that holds the tokens."""
+        return self.groups.index("t")
+
+    def to_canonical(self, x: Tensor) -> Tensor:
+        """x in the model's layout -> [B, H, T, D] (a view where the layout allows)."""
+        letters, sizes = [], []
+        for group, size in zip(self.groups, x.shape):
+            for letter in group:
+                letters.append(letter)
+                sizes.append(self.heads if letter == "h" and len(group) > 1 else
+                             size // self.heads if len(group) > 1 else size)
+        x = x.reshape(sizes) if len(sizes) != x.dim() else x
+        for letter in "bhtd":
+            if letter not in letters:  # a size-1 canonical dim the model's layout does not have
+                letters.append(letter)
+                x = x.unsqueeze(-1)
+        return x.permute([letters.index(c) for c in "bhtd"])
+
+    def from_canonical(self, x: Tensor) -> Tensor:
+        """[B, H, T, D] -> the model's layout (the inverse of to_canonical)."""
+        letters = "".join(self.groups)
+        dims = {c: i for i, c in enumerate("bhtd")}
+        x = x.permute([dims[c] for c in letters] + [dims[c] for c in "bhtd" if c not in letters])
+        for _ in range(4 - len(letters)):
+            x = x.squeeze(-1)
+        return x.reshape(self.logical_shape(*(x.shape[letters.index(c)] if c in letters else 1 for c in "bhtd")))
+
+    def logical_shape(self, B: SymInt, H: SymInt, T: SymInt, D: SymInt) -> Tuple[SymInt, ...]:
+        """The shape of the model's cache tensor holding B x H x T x D."""
+        size = {"b": B, "h": H, "t": T, "d": D}
+        out = []
+        for group in self.groups:
+            n = 1
+            for letter in group:
+                n = n * size[letter]
+            out.append(n)
+        return tuple(out)
+
     @property
     def key(self) -> str:
         """The record as a string, for the torch.library ops (`from_key` gives it back)."""
@@ -112,6 +162,39 @@ class Layout(NamedTuple):
         parse = {str: str, int: int, bool: lambda s: s == "True"}
         kinds = typing.get_type_hints(Layout)
         return Layout(**{name: parse[kinds[name]](fields[name]) for name in Layout._fields})
+
+
+_FULL = slice(None, None, None)
+
+
+def index_dims(idx, ndim: int) -> Optional[tuple]:
+    """A basic index of a tensor of `ndim` dims as one entry per dim (Ellipsis expanded, missing trailing
+    dims whole), or None if it adds (None) or drops dims."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if sum(i is Ellipsis for i in idx) > 1 or any(i is None for i in idx):
+        return None
+    if Ellipsis in idx:
+        at = idx.index(Ellipsis)
+        idx = idx[:at] + (_FULL,) * (ndim - len(idx) + 1) + idx[at + 1:]
+    idx = idx + (_FULL,) * (ndim - len(idx))
+    return idx if len(idx) == ndim else None
+
+
+@functools.lru_cache(maxsize=None)
+def logical_dims(logical: str) -> Tuple[str, ...]:
+    """"bt(hd)" -> ("b", "t", "hd"): the canonical letters of each dim, a parenthesised group merged."""
+    out, group = [], None
+    for c in logical:
+        if c == "(":
+            group = ""
+        elif c == ")":
+            out.append(group)
+            group = None
+        elif group is not None:
+            group += c
+        else:
+            out.append(c)
+    return tuple(out)
 
 
 class Packed(NamedTuple):

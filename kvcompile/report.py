@@ -10,13 +10,11 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional
+from typing import Any, Deque, List, Optional, Tuple
+
+from .errors import KVQuantWarning  # noqa: F401  (re-exported)
 
 log = logging.getLogger("kvcompile")
-
-
-class KVQuantWarning(UserWarning):
-    """A cache update or attention op was left unquantized (the graph still runs correctly)."""
 
 
 @dataclass
@@ -36,10 +34,17 @@ class GraphReport:
     sdpa_ops: int = 0
     matmul_ops: int = 0
     notes: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)  # what runs another way than asked (warned once)
+    swaps: List[Tuple[int, Any]] = field(default_factory=list)  # (graph input index, Layout): buffers.py
 
     @property
     def quantized(self) -> List[Entry]:
         return [e for e in self.entries if e.status != "left alone"]
+
+    @property
+    def rewrote(self) -> bool:
+        """Whether the graph now runs kvquant ops."""
+        return bool(self.quantized)
 
     @property
     def left_alone(self) -> List[Entry]:
@@ -62,7 +67,7 @@ class GraphReport:
             if e.reason:
                 line += f"; why: {e.reason}"
             lines.append(line)
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  note: {n}" for n in self.notes] + [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ In-place ops on a state are refused, since they would be lost.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -43,7 +44,8 @@ from torch.utils import _pytree as pytree
 
 from . import ops
 from .kernels import reference as ref
-from .layout import PAD, Layout, Packed
+from .errors import KVQuantWarning
+from .layout import PAD, Layout, Packed, index_dims
 
 aten = torch.ops.aten
 
@@ -64,7 +66,7 @@ class KVState(Tensor):
         if outer_size is None:  # no spare capacity
             B, H, Nr, D = res.shape
             dropped = skip.shape[0] - PAD if skip is not None else 0
-            outer_size = (B, H, codes.shape[2] - dropped + Nr - 2 * PAD, D)
+            outer_size = layout.logical_shape(B, H, codes.shape[2] - dropped + Nr - 2 * PAD, D)
         return Tensor._make_wrapper_subclass(
             cls, outer_size, strides=outer_stride, dtype=res.dtype, device=res.device, requires_grad=False
         )
@@ -80,10 +82,15 @@ class KVState(Tensor):
         self.skip = skip
         if layout.static:  # fixed sizes: decode compiles once
             return
-        # Token counts grow every step: tell Dynamo up front, so the first decode graph is already
-        # dynamic in them instead of recompiling once per inner size as each first changes.
-        for t in (self, codes, scale, mn, res):
+        # Token counts grow every step, and batch sizes vary between generations: tell Dynamo up front, so
+        # the first decode graph is already dynamic in them instead of recompiling once per inner size as
+        # each first changes (sizes 0 and 1 stay specialized: the pad rows keep the token counts >= 2).
+        for t in (codes, scale, mn, res):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
+        for d, group in enumerate(layout.groups):
+            if "t" in group or group == "b":
+                torch._dynamo.maybe_mark_dynamic(self, d)
         if skip is not None:
             torch._dynamo.maybe_mark_dynamic(skip, 0)
 
@@ -111,9 +118,15 @@ class KVState(Tensor):
         return self.skip.shape[0] - PAD if self.skip is not None else 0
 
     @property
+    def canonical_shape(self) -> tuple:
+        """(B, H, T, D): the cache as it is stored, whatever the model's layout (self.shape) is."""
+        B, H, _, D = self.res.shape
+        return B, H, self.shape[self.kv_layout.token_dim], D
+
+    @property
     def n_quantized(self):
         """Nq, the rows of packed storage in use, S dropped ones included (a SymInt under tracing)."""
-        return self.shape[2] + self.n_skip - (self.res.shape[2] - PAD)
+        return self.canonical_shape[2] + self.n_skip - (self.res.shape[2] - PAD)
 
     def packed_nbytes(self) -> int:
         """Bytes the state really holds: codes + scales + minimums (spare rows included) + residual."""
@@ -124,13 +137,45 @@ class KVState(Tensor):
         return Packed(self.codes, self.scale, self.mn, self.res, self.kv_layout, self.n_quantized, self.n_skip)
 
     def dequantize(self) -> Tensor:
-        """The full-precision view [B, H, T, D] (a new tensor)."""
-        return ops.dequantize(self.packed())
+        """The full-precision cache, in the model's layout (a new tensor)."""
+        return self.kv_layout.from_canonical(ops.dequantize(self.packed())).contiguous()
+
+    # -- uncompiled code (transformers' cache methods, a user's inspection) ---------------------------
+    # Under Dynamo these defer to torch (the pass rewrites what the graph does with a state); run eagerly,
+    # the cache operations keep the state packed, and everything else reads a dequantized copy that
+    # refuses writes (they could not reach the packed storage).
+
+    def __getitem__(self, idx: Any) -> Tensor:
+        if _tracing(self):
+            return super().__getitem__(idx)
+        kept = _eager_index(self, idx)
+        return kept if kept is not None else ReadOnly(self.dequantize()[idx])
+
+    def __setitem__(self, idx: Any, value: Any) -> None:
+        if _tracing(self):
+            return super().__setitem__(idx, value)
+        if self.kv_layout.static and isinstance(value, Tensor) and _static_index(self, idx):
+            kv_static_setitem(self, idx, value)
+            return
+        raise RuntimeError(
+            f"kvcompile: cannot write into a quantized KV state with state[{idx!r}] = ...: its tokens are packed "
+            f"codes (a {self.kv_layout.method} cache); replace the cache tensor instead (e.g. layer.keys = "
+            f"new_tensor), or start a new cache")
+
+    def numpy(self, *, force: bool = False) -> Any:
+        """The dequantized cache as a NumPy array."""
+        return self.dequantize().numpy(force=force)
+
+    def tolist(self) -> Any:
+        """The dequantized cache as nested lists."""
+        return self.dequantize().tolist()
 
     def _map(self, fn) -> "KVState":
         out = [fn(t) for t in (self.codes, self.scale, self.mn, self.res)]
         skip = _carrier(out[0], self.n_skip) if self.skip is not None else None
-        return KVState(*out, self.kv_layout, outer_size=(out[3].shape[0], *self.shape[1:]), skip=skip)
+        B, H, T, D = self.canonical_shape
+        return KVState(*out, self.kv_layout, outer_size=self.kv_layout.logical_shape(out[3].shape[0], H, T, D),
+                       skip=skip)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -145,8 +190,15 @@ class KVState(Tensor):
                 f"kvcompile: in-place op {func} on a quantized KV state is not supported "
                 f"(it would write into a temporary dequantized copy and be lost)"
             )
+        states = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, KVState)]
+        eager = not _tracing(states[0])
+        if eager and func in _MODEL_OPS:
+            warn_eager(func)
         args, kwargs = pytree.tree_map_only(KVState, KVState.dequantize, (args, kwargs))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if eager and _is_view(func):  # a view of a temporary copy: writes through it would be lost
+            out = pytree.tree_map_only(Tensor, ReadOnly, out)
+        return out
 
 
 def _detach(s: KVState) -> KVState:
@@ -165,7 +217,7 @@ def _to_copy(s: KVState, *, dtype=None, layout=None, device=None, pin_memory=Non
 
 
 def _index_select(s: KVState, dim: int, index: Tensor) -> Any:
-    if dim not in (0, -4):  # beam reorder selects along the batch
+    if dim % s.dim() != 0 or s.kv_layout.groups[0] != "b":  # beam reorder selects along the batch
         return NotImplemented
     return s._map(lambda t: t.index_select(0, index.to(t.device)))
 
@@ -176,8 +228,8 @@ def _copy_(dst: KVState, src: Any, non_blocking: bool = False) -> Any:
     buffer so): every token quantized again, as written."""
     if isinstance(dst, KVState) and dst.kv_layout.static and isinstance(src, Tensor) \
             and not isinstance(src, KVState) and src.shape == dst.shape:
-        pos = torch.arange(dst.shape[2], device=src.device)
-        return kv_static_write(dst, 2, pos, src)
+        pos = torch.arange(dst.canonical_shape[2], device=src.device)
+        return kv_static_write(dst, dst.kv_layout.token_dim, pos, src)
     if not (isinstance(dst, KVState) and isinstance(src, KVState) and dst.kv_layout == src.kv_layout
             and all(a.shape == b.shape for a, b in zip(_inner(dst), _inner(src)))):
         return NotImplemented
@@ -189,9 +241,179 @@ def _copy_(dst: KVState, src: Any, non_blocking: bool = False) -> Any:
 def _index_copy_(s: KVState, dim: int, index: Tensor, source: Tensor) -> Any:
     """A fixed-size state written in place (StaticCache's update; Dynamo runs it on fake states while
     tracing, before the pass rewrites it into kv_static_write)."""
-    if not (s.kv_layout.static and dim in (2, -2) and not isinstance(source, KVState)):
+    if not (s.kv_layout.static and dim % s.dim() == s.kv_layout.token_dim and not isinstance(source, KVState)):
         return NotImplemented
     return kv_static_write(s, dim, index, source)
+
+
+def _zero_(s: KVState) -> Any:
+    """`buf.zero_()` on a fixed-size state (a decoder resetting its cache buffers): every token 0 (zero
+    codes, scales and minimums dequantize to 0 in every format, as kv_static_empty's do)."""
+    if not s.kv_layout.static:
+        return NotImplemented
+    for t in _inner(s):
+        t.zero_()
+    return s
+
+
+def _index_put_(s: KVState, indices: list, values: Tensor, accumulate: bool = False) -> Any:
+    """`s[:, :, pos] = new` on a fixed-size state (positions along the tokens dim, every other dim whole)."""
+    lay = s.kv_layout
+    hit = [d for d, i in enumerate(indices) if i is not None]
+    if not lay.static or accumulate or hit != [lay.token_dim] or isinstance(values, KVState) \
+            or values.dim() > s.dim():
+        return NotImplemented
+    pos = indices[lay.token_dim]
+    shape = list(s.shape)
+    shape[lay.token_dim] = pos.numel()
+    return kv_static_write(s, lay.token_dim, pos, values.expand(shape))  # (torch drops the value's leading 1s)
+
+
+def _cat(tensors: list, dim: int = 0) -> Any:
+    """`torch.cat([state, new], dim=2)` run uncompiled (a frame Dynamo ran eagerly): the new tokens are
+    appended, so the cache stays quantized. The quantization the compiled graph would have done after
+    the previous step is done first, so attention sees what it would have under compile."""
+    if len(tensors) != 2 or not isinstance(tensors[0], KVState) or isinstance(tensors[1], KVState) \
+            or dim % tensors[0].dim() != tensors[0].kv_layout.token_dim or _tracing(tensors[0]) \
+            or tensors[0].kv_layout.static:
+        return NotImplemented
+    past, new = tensors
+    warn_eager(aten.cat.default)
+    return kv_append(kv_compact(past), new)
+
+
+def _repeat_interleave(s: KVState, repeats: Any, dim: Optional[int] = None, *, output_size: Any = None) -> Any:
+    if dim is None or dim % s.dim() != 0 or s.kv_layout.groups[0] != "b" or not isinstance(repeats, int):
+        return NotImplemented  # generate()'s batch expansion
+    return s._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+def _tracing(s: KVState) -> bool:
+    """Whether `s` is being traced (Dynamo or AOTAutograd) rather than run."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(s.codes)
+
+
+_FULL = slice(None, None, None)
+
+
+def _eager_index(s: KVState, idx: Any) -> Optional[KVState]:
+    """The cache operations transformers runs on a cache tensor, kept packed: `x[..., :n, :]` (crop),
+    `x[:, :, start:]` (a sliding window's restriction) and `x[indices, ...]` (batch selection).
+    None for any other index (read from a dequantized copy)."""
+    dims = index_dims(idx, s.dim())
+    if dims is None:
+        return None
+    first, tdim = dims[0], s.kv_layout.token_dim
+    if isinstance(first, Tensor) and first.dim() == 1 and all(d == _FULL for d in dims[1:]):
+        index = first.nonzero().squeeze(1) if first.dtype == torch.bool else first
+        out = _index_select(s, 0, index) if not index.dtype.is_floating_point else NotImplemented
+        return None if out is NotImplemented else out
+    cut = dims[tdim]
+    if not (isinstance(cut, slice) and cut.step in (None, 1)
+            and all(d == _FULL for i, d in enumerate(dims) if i != tdim)):
+        return None
+    T = s.shape[tdim]
+    start, stop, _ = cut.indices(T)
+    if start == 0:
+        return kv_crop(s, stop)
+    if stop == T and s.kv_layout.window:
+        return kv_window(s, start)
+    return None
+
+
+def _static_index(s: KVState, idx: Any) -> bool:
+    """Whether `s[idx] = x` is a write kv_static_setitem takes: positions (a tensor, an int or a slice of
+    ints) in the tokens dim, a batch prefix in a leading batch dim, every other dim whole."""
+    dims = index_dims(idx, s.dim())
+    if dims is None:
+        return False
+    lay = s.kv_layout
+    for d, i in enumerate(dims):
+        if d == lay.token_dim:
+            if isinstance(i, slice) and (i.stop is None or i.step not in (None, 1)):
+                return False
+            if not isinstance(i, (slice, int, Tensor)):
+                return False
+        elif i != _FULL and not (d == 0 and lay.groups[0] == "b" and isinstance(i, slice) and i.start in (None, 0)
+                                 and i.step in (None, 1)):
+            return False
+    return True
+
+
+def _is_view(func) -> bool:
+    """Whether an aten op returns a view of an input (its schema's return aliases an argument)."""
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+# ops that mean model code (attention, a cache update) runs on the cache outside compiled code
+_MODEL_OPS = {aten.cat.default, aten.bmm.default, aten.mm.default, aten.matmul.default,
+              aten._scaled_dot_product_flash_attention_for_cpu.default, aten.scaled_dot_product_attention.default,
+              aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_flash_attention.default}
+
+
+def warn_eager(func) -> None:
+    """A quantized cache used by uncompiled model code: say so (once per cause), naming the likely cause."""
+    from torch._dynamo.utils import counters
+
+    hit = any("recompile limit" in str(k) for k in counters["unimplemented"])
+    cause = ("Dynamo's recompile limit was reached for the model's frame (torch._dynamo.config.recompile_limit; "
+             "TORCH_LOGS=recompiles shows why it recompiled)" if hit else
+             "the model's frame runs uncompiled: a recompile limit, torch._dynamo.disable, a model called outside "
+             "the torch.compile'd module, or a frame Dynamo skipped")
+    warnings.warn(
+        f"kvquant: the quantized KV cache is used by uncompiled code ({func}); it stays quantized and results are "
+        f"correct, but attention dequantizes the whole cache every step (slow). Likely cause: {cause}.",
+        KVQuantWarning, stacklevel=3)
+
+
+class ReadOnly(Tensor):
+    """A dequantized copy of (part of) a KVState, as uncompiled code reading the cache gets it: every read
+    works, every write raises (it would not reach the packed state)."""
+
+    value: Tensor
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, value: Tensor) -> "ReadOnly":
+        if isinstance(value, ReadOnly):
+            return value
+        return Tensor._make_wrapper_subclass(cls, value.shape, strides=value.stride(), dtype=value.dtype,
+                                             device=value.device, requires_grad=False)
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value.value if isinstance(value, ReadOnly) else value
+
+    def __tensor_flatten__(self):
+        return ("value",), None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, ctx: Any, outer_size: Any, outer_stride: Any) -> "ReadOnly":
+        return ReadOnly(inner["value"])
+
+    def __repr__(self) -> str:
+        return f"ReadOnly({self.value!r})"
+
+    def __setitem__(self, idx: Any, value: Any) -> None:
+        _refuse_write("__setitem__")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        for arg, value in zip(schema.arguments, list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args):]]):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, ReadOnly):
+                _refuse_write(func)
+        args, kwargs = pytree.tree_map_only(ReadOnly, lambda t: t.value, (args, kwargs))
+        out = func(*args, **kwargs)
+        return pytree.tree_map_only(Tensor, ReadOnly, out) if _is_view(func) else out
+
+
+def _refuse_write(what: Any) -> None:
+    raise RuntimeError(
+        f"kvcompile: {what} writes into a dequantized copy of a quantized KV state, which would be lost (the state "
+        f"holds packed codes): .clone() it first to get a tensor of your own, or replace the cache tensor")
 
 
 def _inner(s: KVState) -> tuple:
@@ -213,6 +435,10 @@ _HANDLERS = {
     aten._to_copy.default: _to_copy,
     aten.index_select.default: _index_select,
     aten.index_copy_.default: _index_copy_,
+    aten.index_put_.default: _index_put_,
+    aten.zero_.default: _zero_,
+    aten.cat.default: _cat,
+    aten.repeat_interleave.self_int: _repeat_interleave,
 }
 
 
@@ -252,44 +478,116 @@ def kv_window(s: KVState, start: int) -> KVState:
     """`s[:, :, start:]` of a sliding-window layer's state (`start` < 0: keep the newest -start tokens):
     the oldest tokens are dropped, from the packed rows first (counted in S, see the module doc), then
     from the residual. Nothing is requantized: the tokens kept are those of `s`, bit for bit."""
-    B, H, T, D = s.shape
+    B, H, T, D = s.canonical_shape
     drop = torch.sym_max(T + start, 0) if start < 0 else torch.sym_min(start, T)
     from_packed = torch.sym_min(drop, s.n_quantized - s.n_skip)
     from_res = drop - from_packed
     # no branch on from_res > 0 (a guard, so another graph): the residual is copied, a few rows
     res = torch.cat([s.res[:, :, :PAD], s.res[:, :, PAD + from_res:]], dim=2)
-    return KVState(s.codes, s.scale, s.mn, res, s.kv_layout, outer_size=(B, H, T - drop, D),
+    return KVState(s.codes, s.scale, s.mn, res, s.kv_layout, outer_size=s.kv_layout.logical_shape(B, H, T - drop, D),
                    skip=_carrier(s.codes, s.n_skip + from_packed))
 
 
+def kv_crop(s: KVState, n: int) -> KVState:
+    """`s[:, :, :n]` run eagerly (transformers' crop, assisted decoding): the first n tokens, in new storage
+    (the old state stays valid). A kivi key group the cut splits cannot stay packed: its kept tokens move
+    to the full-precision window with the values they had (dequantized), and are quantized again with
+    their new group when it next flushes (fakequant's crop does the same)."""
+    B, H, T, D = s.canonical_shape
+    n = max(0, min(int(n), T))
+    outer = s.kv_layout.logical_shape(B, H, n, D)
+    lay, p = s.kv_layout, s.packed()
+    held = p.nq - p.skip
+    if n >= held:
+        res = p.res[:, :, :PAD + n - held]
+        return KVState(*(t.clone() for t in (p.codes, p.scale, p.mn, res)), lay, outer_size=outer,
+                       skip=_carrier(p.codes, p.skip) if lay.window else None)
+    keep = p.skip + n  # packed rows, the dropped ones included
+    q = lay.drop_quantum
+    rows = keep // q * q
+    skip = min(p.skip, rows)
+    whole = -(-keep // q) * q  # the groups holding rows [rows, keep), dequantized whole, then cut
+    moved = ref.full(p._replace(nq=whole, skip=max(p.skip, rows), res=p.res[:, :, :PAD]))[:, :, :keep - max(p.skip, rows)]
+    codes, scale, mn = (t.clone() for t in (p.codes, p.scale, p.mn))  # rows after `rows` are spare now
+    return KVState(codes, scale, mn, ref.pad(moved), lay, outer_size=outer,
+                   skip=_carrier(codes, skip) if lay.window else None)
+
+
 def kv_store(full: Tensor, layout: Layout) -> KVState:
-    """A state from a full-precision cache tensor [B, H, T, D] (prefill), compacted."""
+    """A state from a full-precision cache tensor in the model's layout (prefill), compacted."""
+    full = layout.to_canonical(full)
     B, H, _, D = full.shape
     return kv_compact(KVState(*_empty_packed(full, layout, B, H, D), ref.pad(full), layout))
 
 
 def kv_static_empty(buffer: Tensor, layout: Layout) -> KVState:
-    """A fixed-size state in place of a zero-filled cache buffer [B, H, M, D] (StaticCache's): M packed
-    rows of zeros (which dequantize to 0, as the buffer held) and no residual."""
-    B, H, M, D = buffer.shape
+    """A fixed-size state in place of a zero-filled cache buffer (StaticCache's; the model's layout): M
+    packed rows of zeros (which dequantize to 0, as the buffer held) and no residual."""
+    B, H, M, D = layout.to_canonical(buffer).shape
     cw, sw, mw = layout.widths(D)
     return KVState(buffer.new_zeros((B, H, PAD + M, cw), dtype=torch.uint8),
                    buffer.new_zeros((B, H, PAD + M, sw)), buffer.new_zeros((B, H, PAD + M, mw)),
                    buffer.new_zeros((B, H, PAD, D)), layout)
 
 
-def kv_static_write(s: KVState, dim: int, pos: Tensor, new: Tensor) -> KVState:
-    """`s.index_copy_(dim, pos, new)` on a fixed-size state: the tokens are quantized as they are
-    written (every token on its own: Layout.static needs per-token groups, methods.static_reason)."""
-    ops.write_(s.packed(), new, pos)
+def kv_static_from(buffer: Tensor, layout: Layout) -> KVState:
+    """A fixed-size state holding a full-precision buffer's contents, every token quantized on its own as
+    if it had been written so (a buffer swapped for a state: buffers.py)."""
+    s = kv_static_empty(buffer, layout)
+    M = s.canonical_shape[2]
+    ops.write_(s.packed(), layout.to_canonical(buffer), torch.arange(M, device=buffer.device))
     return s
 
 
+def kv_static_write(s: KVState, dim: int, pos: Tensor, new: Tensor) -> KVState:
+    """`s.index_copy_(dim, pos, new)` on a fixed-size state (dim: the model's tokens dim; new in the model's
+    layout): the tokens are quantized as they are written (every token on its own: Layout.static needs
+    per-token groups, methods.static_reason)."""
+    ops.write_(s.packed(), s.kv_layout.to_canonical(new), pos)
+    return s
+
+
+def kv_static_setitem(s: KVState, idx: Any, new: Tensor) -> KVState:
+    """`s[idx] = new` on a fixed-size state, idx a token index (a tensor of positions, an int, a slice) in the
+    tokens dim and whole dims elsewhere, but for a leading batch prefix (`cache[:bsz, start:stop] = x`, the
+    reference Llama's): the tokens are quantized as written, into the first bsz rows."""
+    lay = s.kv_layout
+    dims = index_dims(idx, s.dim())
+    pos = dims[lay.token_dim]
+    if isinstance(pos, slice):
+        pos = torch.arange(pos.start or 0, pos.stop, device=new.device)
+    elif not isinstance(pos, Tensor):  # one position: `new` has no tokens dim
+        new = new.unsqueeze(lay.token_dim) if new.dim() == s.dim() - 1 else new
+        pos = torch.arange(pos, pos + 1, device=new.device)
+    pos = pos.to(new.device).reshape(-1)
+    new = lay.to_canonical(new)
+    p = s.packed()
+    batch = dims[0] if lay.groups[0] == "b" else _FULL
+    if batch != _FULL:
+        rows = slice(batch.start, batch.stop)
+        p = p._replace(codes=p.codes[rows], scale=p.scale[rows], mn=p.mn[rows])
+    ops.write_(p, new, pos)
+    return s
+
+
+def kv_prefix(s: KVState, batch: Any = None, tokens: Any = None) -> KVState:
+    """`s[:batch, ..., :tokens, ...]` of a fixed-size state (the reference Llama's `cache_k[:bsz, :pos]`), in
+    place: the first `batch` rows' inner tensors, and the first `tokens` packed rows in use (the rows after
+    them are spare to the ops). None: the whole dim."""
+    B, H, M, D = s.canonical_shape
+    b = B if batch is None else torch.sym_min(batch, B)
+    t = M if tokens is None else torch.sym_min(tokens, M)
+    inner = [x[:b] if batch is not None else x for x in (s.codes, s.scale, s.mn, s.res)]
+    return KVState(*inner, s.kv_layout, outer_size=s.kv_layout.logical_shape(b, H, t, D))
+
+
 def kv_append(past: KVState, new: Tensor) -> KVState:
-    """Append new tokens [B, H, L, D] to the full-precision residual (lossless, no compaction)."""
-    B, H, T, D = past.shape
-    return KVState(past.codes, past.scale, past.mn, ops.append(past.res, new), past.kv_layout,
-                   outer_size=(B, H, T + new.shape[2], D), skip=past.skip)
+    """Append new tokens (in the model's layout) to the full-precision residual (lossless, no compaction)."""
+    B, H, T, D = past.canonical_shape
+    lay = past.kv_layout
+    new = lay.to_canonical(new)
+    return KVState(past.codes, past.scale, past.mn, ops.append(past.res, new), lay,
+                   outer_size=lay.logical_shape(B, H, T + new.shape[2], D), skip=past.skip)
 
 
 def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Tensor] = None,
@@ -299,14 +597,31 @@ def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Ten
     return ops.attention(query, key.packed(), value.packed(), attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
-def kv_qk(query: Tensor, key: KVState) -> Tensor:
-    """Drop-in for torch.matmul(query, repeat_kv(key).transpose(-1, -2))."""
-    return ops.qk(query, key.packed())
+def kv_qk(query: Tensor, key: KVState, x_perm: tuple = (), out_perm: tuple = ()) -> Tensor:
+    """Drop-in for attention's scores `query @ K^T` over a state: `query` [..., L, D] with its leading dims
+    running (batch, heads) as the cache's (GQA: query heads repeating each KV head) -> [..., L, T].
+    x_perm / out_perm: an einsum's operand and output orders (match.Read)."""
+    return _read(ops.qk, query, key, x_perm, out_perm)
 
 
-def kv_pv(probs: Tensor, value: KVState) -> Tensor:
-    """Drop-in for torch.matmul(probs, repeat_kv(value))."""
-    return ops.pv(probs, value.packed())
+def kv_pv(probs: Tensor, value: KVState, x_perm: tuple = (), out_perm: tuple = ()) -> Tensor:
+    """Drop-in for attention's output `probs @ V` over a state: probs [..., L, T] -> [..., L, Dv]."""
+    return _read(ops.pv, probs, value, x_perm, out_perm)
+
+
+def _read(op, x: Tensor, s: KVState, x_perm: tuple, out_perm: tuple) -> Tensor:
+    if x_perm:
+        x = x.permute(x_perm)
+    lead, L = x.shape[:-2], x.shape[-2]
+    out = op(x.reshape(s.res.shape[0], -1, L, x.shape[-1]), s.packed())  # [B, Hq, L, X]: the ops' layout
+    out = out.reshape(*lead, L, out.shape[-1])
+    return out.permute(out_perm) if out_perm else out
+
+
+def kv_full(s: KVState) -> Tensor:
+    """The full-precision cache in the model's layout: what attention reads where it cannot read the packed
+    state (match.Read.fused False: RoPE applied to the cached keys, a scale, a baddbmm)."""
+    return s.dequantize()
 
 
 def nbytes(t: Tensor) -> int:

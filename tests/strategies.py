@@ -49,3 +49,22 @@ def token_rows(draw):
     """(B, H, N, D) for int8 / fp8 (one group per token: any head_dim, odd ones included)."""
     d = draw(st.sampled_from([1, 3, 8, 17, 64, 96]))
     return draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 9)), d
+
+
+LAYOUTS = ["bhtd", "bthd", "tbhd", "btc", "keys_t"]
+REPEATS = ["none", "interleave", "index", "unsqueeze", "contiguous"]
+ATTENTION = ["sdpa", "matmul", "at", "method", "bmm", "einsum"]
+
+
+@st.composite
+def idioms(draw):
+    """A hand-written decoder's idioms (examples/decoders.py Idiom), valid by construction: einsum reads
+    the cache with its own heads (no repeat)."""
+    from decoders import Idiom
+
+    attention = draw(st.sampled_from(ATTENTION))
+    return Idiom(layout=draw(st.sampled_from(LAYOUTS)), attention=attention,
+                 repeat=draw(st.sampled_from(["none"] if attention == "einsum" else REPEATS)),
+                 scale=draw(st.sampled_from(["scores", "q", "k"])), softmax32=draw(st.booleans()),
+                 rope=draw(st.sampled_from(["post", "pre"])), cache=draw(st.sampled_from(["tuple", "object"])),
+                 kv_heads=draw(st.sampled_from([1, 2, 4])))

@@ -27,6 +27,7 @@ import kvcompile
 from kvcompile import Config
 from kvcompile.fakequant import FakeQuantCache
 from models import decode
+from strategies import idioms
 
 pytestmark = pytest.mark.slow  # every test here compiles several models (pytest -m "not slow": the core)
 
@@ -129,3 +130,13 @@ def test_sliding_window(window, attn):
 
     assert type(DynamicCache(config=_model(d)[1]).layers[0]).__name__ == "DynamicSlidingWindowLayer"
     check_decoder(d)
+
+
+@settings(max_examples=6)  # each example compiles a hand-written decoder twice
+@given(idioms(), st.sampled_from(["kivi", "int8", "none"]))
+def test_generated_hand_written_decoder(idiom, method):
+    """Hand-written decoders (examples/decoders.py) drawing every idiom: the cache's layout, the head repeat,
+    the attention form, a tuple or an object cache, RoPE before or after caching."""
+    from test_decoders import check
+
+    check(idiom, method)

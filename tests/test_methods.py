@@ -451,7 +451,7 @@ def test_block_that_does_not_fit_head_dim_is_named():
     with pytest.raises(ValueError, match="v_bits=2 packs 4 codes into a byte, so head_dim must be a multiple of 4; "
                                          "got head_dim 6"):
         layouts(Config(method="nqkv", bits=4, v_bits=2, block_size=2), 6)
-    with pytest.raises(ValueError, match="k_bits=3 packs 8 codes into 3 bytes, so head_dim must be a multiple of 8; "
+    with pytest.raises(ValueError, match="bits=3 packs 8 codes into 3 bytes, so head_dim must be a multiple of 8; "
                                          "got head_dim 12"):
         layouts(Config(method="nqkv", bits=3, block_size=4), 12)
 

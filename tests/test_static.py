@@ -1,7 +1,7 @@
 """Fixed-size caches written in place: transformers' StaticCache (`index_copy_` at cache_position,
 the setup transformers recommends with torch.compile) is stored quantized for methods that quantize
-each token on its own; what cannot be (kivi's key groups, a buffer created outside the compiled code,
-gpt-fast's `k_cache[:, :, pos] = k` module buffers) runs in full precision with a warning."""
+each token on its own, and so are buffers created outside the compiled code (swapped for states after
+their first call: buffers.py); what cannot be (kivi's key groups) runs in full precision with a warning."""
 
 from __future__ import annotations
 
@@ -102,10 +102,14 @@ def test_kivi_static_cache_is_left_alone_with_the_reason():
     assert counters["kvquant"]["cache_updates_quantized"] == 0
 
 
-def test_static_buffer_from_an_uncompiled_prefill_is_left_alone():
-    """A StaticCache whose prefill ran eagerly holds full-precision buffers the decode graph can only
-    write in place: left alone, with the reason, and exactly what plain Dynamo computes."""
+def test_static_buffer_from_an_uncompiled_prefill_is_swapped():
+    """A StaticCache whose prefill ran eagerly holds full-precision buffers the decode graph writes in place:
+    the first compiled call runs as they are, then they are replaced by fixed-size states of their contents
+    (buffers.py), which the next graphs write and read fused. The reference: the same states run eagerly
+    (each write quantized by the state, attention over its dequantized value)."""
     from transformers import StaticCache
+
+    from kvcompile.buffers import swap
 
     model = tiny("llama")
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -114,12 +118,17 @@ def test_static_buffer_from_an_uncompiled_prefill_is_left_alone():
         model(ids[:, :5], past_key_values=cache, use_cache=True)
         model(ids[:, :5], past_key_values=ref_cache, use_cache=True)
         f = torch.compile(model, backend="kvquant", options=dict(method="int8", compiler="eager"))
-        with pytest.warns(KVQuantWarning, match="created outside the compiled code"):
-            got = [f(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 9)]
-        torch._dynamo.reset()
-        g = torch.compile(model, backend="eager")
-        want = [g(ids[:, t:t + 1], past_key_values=ref_cache, use_cache=True).logits for t in range(5, 9)]
-    assert len(got) == len(want) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))
+        got = [f(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 9)]
+        want = [model(ids[:, 5:6], past_key_values=ref_cache, use_cache=True).logits]
+        for layer, ref in zip(cache.layers, ref_cache.layers):
+            assert isinstance(layer.keys, KVState) and isinstance(layer.values, KVState)
+            assert swap(ref.keys, layer.keys.kv_layout) and swap(ref.values, layer.values.kv_layout)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KVQuantWarning)  # the reference runs uncompiled on states
+            want += [model(ids[:, t:t + 1], past_key_values=ref_cache, use_cache=True).logits for t in range(6, 9)]
+    assert torch.equal(got[0], want[0])  # the call before the swap: full precision
+    assert max_abs_diff(got, want) < 1e-5
+    assert any("fused attention" in e.status for r in kvcompile.reports() for e in r.entries), kvcompile.explain()
 
 
 class GptFastAttention(torch.nn.Module):
@@ -136,22 +145,34 @@ class GptFastAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask[:, :, input_pos])
 
 
-def test_gpt_fast_index_put_cache_is_left_alone_with_the_reason():
+def test_gpt_fast_index_put_cache_is_quantized():
+    """gpt-fast's buffers: swapped after the first call, then each token quantized as written (the reference:
+    fake-quantized tokens written into plain buffers, the buffers fake-quantized where the swap happens)."""
+    from kvcompile.fakequant import FakeQuantStream
+
     g = torch.Generator().manual_seed(0)
     mask = torch.tril(torch.ones(16, 16, dtype=torch.bool))[None, None]
     eager, compiled = GptFastAttention(), GptFastAttention()
+    qdq = {r: FakeQuantStream(Config(method="int8"), r, "bhtd", 2) for r in "kv"}
     f = torch.compile(compiled, backend="kvquant", options=dict(method="int8", compiler="eager"))
-    for t in range(6):
-        q, k, v = (torch.randn(1, 2, 1, 8, generator=g) for _ in range(3))
-        pos = torch.tensor([t])
-        want = eager(q, k, v, pos, mask)
-        if t == 0:
-            with pytest.warns(KVQuantWarning, match="module buffer"):
-                got = f(q, k, v, pos, mask)
-        else:
-            got = f(q, k, v, pos, mask)
-        assert torch.equal(got, want)
-    assert torch.equal(compiled.k_cache, eager.k_cache)
+    got, want = [], []
+    with torch.no_grad():
+        for t in range(6):
+            q, k, v = (torch.randn(1, 2, 1, 8, generator=g) for _ in range(3))
+            pos = torch.tensor([t])
+            got.append(f(q, k, v, pos, mask))
+            if t == 0:
+                want.append(eager(q, k, v, pos, mask))
+                eager.k_cache.copy_(qdq["k"](eager.k_cache))
+                eager.v_cache.copy_(qdq["v"](eager.v_cache))
+                qdq = {r: FakeQuantStream(Config(method="int8"), r, "bhtd", 2) for r in "kv"}
+            else:
+                kq, vq = qdq["k"](k), qdq["v"](v)
+                qdq = {r: FakeQuantStream(Config(method="int8"), r, "bhtd", 2) for r in "kv"}
+                want.append(eager(q, kq, vq, pos, mask))
+    assert isinstance(compiled.k_cache, KVState) and isinstance(compiled.v_cache, KVState)
+    assert torch.equal(got[0], want[0]) and max_abs_diff(got, want) < 1e-5
+    assert max_abs_diff(compiled.k_cache.dequantize(), eager.k_cache) < 1e-6
 
 
 @pytest.mark.slow

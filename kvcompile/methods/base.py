@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..errors import KVQuantOptionError
 from ..layout import CHANNEL_AXIS, Layout, SymInt
 
 if TYPE_CHECKING:
@@ -87,5 +88,5 @@ def check_packing(head_dim: int, **bits: int) -> None:
         per = codes_per_word(b)
         if head_dim % per:
             into = "3 bytes" if b == 3 else "a byte"
-            raise ValueError(f"{name}={b} packs {per} codes into {into}, so head_dim must be a multiple of {per}; "
+            raise KVQuantOptionError(f"{name}={b} packs {per} codes into {into}, so head_dim must be a multiple of {per}; "
                              f"got head_dim {head_dim}")

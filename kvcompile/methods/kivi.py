@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..errors import KVQuantOptionError
 from ..layout import CHANNEL_AXIS, TOKEN_AXIS, Layout, SymInt
 from .base import Format, Method, check_packing, keep_newest
 
@@ -56,12 +57,12 @@ def layouts(config: "Config", head_dim: int) -> Tuple[Layout, Layout]:
     g, r = config.group_size, config.residual_length
     vg = min(g, head_dim)
     if head_dim % vg:
-        raise ValueError(
+        raise KVQuantOptionError(
             f"group_size {g} does not fit head_dim {head_dim}: values are quantized per token in "
             f"groups of min(group_size, head_dim) channels, which must divide head_dim "
             f"(valid group sizes here: divisors of {head_dim}, or any size >= {head_dim})"
         )
-    check_packing(head_dim, k_bits=config.key_bits, v_bits=config.value_bits)
+    check_packing(head_dim, **config.bits_options())
     return (
         Layout("kivi", "k", "kivi", config.key_bits, g, TOKEN_AXIS, r),
         Layout("kivi", "v", "kivi", config.value_bits, vg, CHANNEL_AXIS, r),

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..errors import KVQuantOptionError
 from ..layout import Layout
 from .base import Format, Method, check_packing, per_token_layouts
 
@@ -117,18 +118,18 @@ def layouts(config: "Config", head_dim: int) -> Tuple[Layout, Layout]:
     bs = min(config.block_size, head_dim)
     if head_dim % bs:
         divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
-        raise ValueError(
+        raise KVQuantOptionError(
             f"block_size {config.block_size} does not fit head_dim {head_dim}: nqkv quantizes blocks of "
             f"min(block_size, head_dim) channels of one token, which must divide head_dim (valid block "
             f"sizes here: {', '.join(map(str, divisors))}, or any size >= {head_dim})"
         )
     if config.hadamard and bs & (bs - 1):
         powers = [d for d in (2 ** i for i in range(1, 12)) if head_dim % d == 0]
-        raise ValueError(
+        raise KVQuantOptionError(
             f"hadamard=True needs blocks of a power-of-2 size: min(block_size {config.block_size}, head_dim "
             f"{head_dim}) = {bs} is not (valid block sizes here: {', '.join(map(str, powers)) or 'none'})"
         )
-    check_packing(head_dim, k_bits=config.key_bits, v_bits=config.value_bits)
+    check_packing(head_dim, **config.bits_options())
     return per_token_layouts(config, (NFH if config.hadamard else NF).name, (config.key_bits, config.value_bits), bs)
 
 

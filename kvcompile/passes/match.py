@@ -1,55 +1,56 @@
-"""Find KV-cache updates and the attention that reads them, in a Dynamo (torch-level) FX graph.
+"""Find KV caches in a Dynamo (torch-level) FX graph by what they do, and the attention that reads them.
 
-A cache update is `torch.cat([past, new], dim=-2)` of 4-D tensors [B, H, T, D] whose result is a
-graph output (so Dynamo writes it back into the cache object). It is matched when every other use
-of the result is one of:
+A cache is a tensor carried from one call to the next, grown along one axis each call, and read by
+attention along that axis. Four kinds of update (`CacheUpdate.kind`), each rewritten by its own
+function in rewrite.py:
 
-  * F.scaled_dot_product_attention, as key or value           -> "sdpa" use
-  * transpose(-1, -2) -> matmul(query, .)                      -> "qk" use  (eager attention)
-  * matmul(probs, .)                                           -> "pv" use  (eager attention)
-  * a size query (size(), .shape, dim())                        -> left as is
-each optionally through repeat_kv (`x[:, :, None]` -> expand -> reshape). The intermediates must
-have no other users. The tokens appended must be the attention's queries (self-attention; an
-encoder-decoder's cross-attention appends the encoder's tokens and is left alone). Anything else
-leaves the update alone, with the reason recorded.
+  growing   `torch.cat([past, new], dim=a)` returned from the graph (Dynamo stores it back where the model
+            keeps its cache: a transformers Cache, a tuple, an attribute); `past` is the previous call's
+            tensor (a graph input) or, at the first call, an empty tensor made in the graph
+  sliding   the same, but only the newest tokens are returned: `cat[..., start:, ...]` along `a`
+  fresh     a first call's cache with no cat: a computed tensor that is returned and read by attention
+  static    a buffer written in place at token positions (`buf.index_copy_(a, pos, new)`, `buf[..., pos] =
+            new`, `buf[:bsz, start:stop] = new`), read whole or as a prefix (`buf[:bsz, :n]`) by attention
+            (transformers' StaticCache, module buffers, tensor attributes, buffers passed in)
 
-A sliding-window cache layer returns only the newest tokens of the `cat`: `cat[:, :, start:]`
-(transformers' DynamicSlidingWindowLayer: start = -(window - 1)) is the graph output, while attention
-reads the whole `cat`. It is matched the same way, with the slice recorded (`window`).
+The cache's layout is not assumed: axes.py labels every dim of the cache and follows them through layout
+and value ops to the attention ops (SDPA, matmul / bmm / baddbmm, einsum), which say which dim holds the
+tokens, heads, head dim and batch. That gives the cache's logical layout (Layout.logical, e.g. "bthd")
+and, per read, whether the fused attention can read the packed cache directly (a layout view of it,
+read as SDPA, q @ K^T, P @ V or an einsum of those), or must read it dequantized (the keys go through
+RoPE or a scale first, a baddbmm: quantized storage, attention in full precision).
 
-A fixed-size buffer written in place (transformers' StaticCache: `buf.index_copy_(2, pos, new)`, then
-attention reads `buf`) is a static update (`find_static_updates`): `cat` is the buffer (a zero-filled
-tensor created in the graph at prefill, a graph input at decode), `write` the index_copy_.
-
-A cache created without a cat (a hand-written decoder's first call returns its K and V as they are)
-is matched the same way: a returned 4-D tensor whose every use is one of the above.
+The tokens appended must be the attention's queries (self-attention); an encoder-decoder's
+cross-attention appends the encoder's tokens and is left alone, as is anything the analysis cannot
+prove is attention, with the first real reason.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
+from ..layout import index_dims
+from .axes import UNIT, Labels, cache_labels, known_equal, propagate, shape, slot_sizes, val
+
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
-_MATMUL = {torch.matmul, operator.matmul}
+_MATMUL = {torch.matmul, operator.matmul, torch.bmm}
+_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
 _SIZE_METHODS = {"size", "dim"}
-_SIZE_ATTRS = {"shape", "dtype", "device", "ndim"}
+_SIZE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def val(node: fx.Node):
-    """The example value Dynamo recorded for a node (a FakeTensor), or None."""
-    return node.meta.get("example_value", node.meta.get("val"))
+_ZEROS = {torch.zeros, torch.zeros_like, torch.empty}
+NO_ATTENTION = "no attention op reads it"
 
 
 def rank(node) -> Optional[int]:
-    v = val(node) if isinstance(node, fx.Node) else None
-    return v.dim() if isinstance(v, torch.Tensor) else None
+    s = shape(node)
+    return len(s) if s is not None else None
 
 
 def describe(node: fx.Node) -> str:
@@ -64,216 +65,285 @@ def sdpa_args(node: fx.Node) -> Dict[str, object]:
     return out
 
 
-@dataclass
-class Use:
-    kind: str  # "sdpa" | "qk" | "pv"
-    node: fx.Node  # the attention op (sdpa) or matmul to replace
-    role: str  # "k" | "v"
-
-
-@dataclass
-class CacheUpdate:
-    cat: fx.Node  # the cat, or for a fresh cache the returned tensor itself
-    past: Optional[fx.Node]  # None for a fresh cache
-    new: fx.Node
-    role: Optional[str] = None
-    uses: List[Use] = field(default_factory=list)
-    size_uses: List[fx.Node] = field(default_factory=list)
-    reason: Optional[str] = None  # why it is left alone; None if matched
-    window: Optional[fx.Node] = None  # sliding window: the returned `cat[:, :, start:]`
-    window_start: int = 0
-    write: Optional[fx.Node] = None  # static buffer: its index_copy_
-    sliced: bool = False  # static buffer: some attention reads a slice of it (prefill)
-
-    @property
-    def matched(self) -> bool:
-        return self.reason is None
-
-
 def _is_call(node: fx.Node, method: Optional[str] = None, fns=None) -> bool:
     if method is not None:
         return node.op == "call_method" and node.target == method
     return node.op == "call_function" and node.target in fns
 
 
-def _is_last_two_transpose(node: fx.Node) -> bool:
-    if not (_is_call(node, "transpose") or _is_call(node, fns={torch.transpose})):
-        return False
-    dims = node.args[1:3]
-    r = rank(node.args[0])
-    if len(dims) != 2 or r is None or not all(isinstance(d, int) for d in dims):
-        return False
-    return sorted(d % r for d in dims) == [r - 2, r - 1]
+def _is_baddbmm(node: fx.Node) -> bool:
+    return _is_call(node, fns={torch.baddbmm}) or _is_call(node, "baddbmm")
 
 
-_NOOP_METHODS = {"to", "float", "type", "contiguous"}
+def _is_matmul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MATMUL) or \
+        (node.op == "call_method" and node.target in _MATMUL_METHODS)
 
 
-def _is_noop_cast(node: fx.Node, src: fx.Node) -> bool:
-    """A dtype cast or contiguous() of `src` that changes nothing (same dtype and shape)."""
-    if not (node.op == "call_method" and node.target in _NOOP_METHODS and node.args and node.args[0] is src):
-        return False
-    a, b = val(src), val(node)
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+@dataclass
+class Read:
+    """One attention op reading a tensor derived from the cache."""
+
+    kind: str  # "sdpa", "matmul" (matmul, @, bmm), "baddbmm", "einsum"
+    node: fx.Node  # the attention op
+    operand: fx.Node  # the cache-derived tensor it reads
+    labels: Labels
+    slot: str = ""  # sdpa: "key" / "value"; the others: "qk" / "pv"
+    fused: bool = False  # reads the packed cache directly (else its dequantized full-precision value)
+    why_dequantized: str = ""
+    other: Optional[fx.Node] = None  # the query (qk) or the probabilities (pv)
+    x_perm: Tuple[int, ...] = ()  # einsum: `other` permuted to [batch..., heads, L, X]
+    out_perm: Tuple[int, ...] = ()  # einsum: the canonical output permuted to the einsum's
+    prefix: Dict[str, Any] = field(default_factory=dict)  # {"t" / "b": stop}: it reads the first `stop` only
 
 
-def _repeat_kv_end(node: fx.Node) -> Optional[fx.Node]:
-    """If `node` is `x[:, :, None]` starting repeat_kv (-> expand -> reshape), the reshape node."""
-    if not (node.op == "call_function" and node.target is operator.getitem):
-        return None
-    idx = node.args[1]
-    full = slice(None, None, None)
-    if not (isinstance(idx, tuple) and len(idx) >= 3 and idx[0] == full and idx[1] == full and idx[2] is None):
-        return None
-    if not all(i == full or i is Ellipsis for i in idx[3:]):
-        return None
-    (expand,) = node.users if len(node.users) == 1 else (None,)
-    if expand is None or not _is_call(expand, "expand"):
-        return None
-    (reshape,) = expand.users if len(expand.users) == 1 else (None,)
-    if reshape is None or not (_is_call(reshape, "reshape") or _is_call(reshape, "view")):
-        return None
-    return reshape
+@dataclass
+class CacheUpdate:
+    kind: str  # "growing", "sliding", "fresh", "static"
+    cache: fx.Node  # the tensor holding the whole cache after this call's update (cat, fresh tensor, buffer)
+    past: Optional[fx.Node] = None  # the previous call's cache (a graph input), if any
+    new: Optional[fx.Node] = None  # the tokens appended or written
+    returned: Optional[fx.Node] = None  # what the graph returns for the cache to keep (growing, sliding, fresh)
+    axis: Optional[int] = None  # the dim of the cache that grows (cat / write dim)
+    window_start: int = 0  # sliding: the returned cat[..., start:, ...]
+    write: Optional[fx.Node] = None  # static: the index_copy_ / index_put_ / setitem
+    write_at: Tuple = ()  # static: ("positions", pos) or ("index", idx) (_write_args)
+    role: Optional[str] = None  # "k" / "v"
+    logical: str = ""  # the cache's layout in canonical letters (Layout.logical)
+    heads: int = 0  # H where a dim merges heads with another (Layout.heads)
+    reads: List[Read] = field(default_factory=list)
+    size_uses: List[fx.Node] = field(default_factory=list)
+    reason: Optional[str] = None  # why it is left alone; None if matched
+    note: str = ""  # said in the report (e.g. attention reads the dequantized cache: why)
+
+    @property
+    def matched(self) -> bool:
+        return self.reason is None
 
 
-def _classify_users(src: fx.Node, upd: CacheUpdate, top: bool) -> Optional[str]:
-    """Record the attention uses of `src` in `upd`; return a reason if a use is not understood."""
-    for user in src.users:
-        if top and (user is upd.window or user is upd.write):
-            continue
-        if top and upd.write is not None and _head_slice(user, src):  # static prefill reads buf[:, :, :n]
-            upd.sliced = True
-            reason = _classify_users(user, upd, top=True)
-            if reason:
-                return reason
-            continue
-        if user.op == "output":
-            if not top:
-                return f"the repeated heads {describe(src)} are a graph output"
-            continue
-        if top and (_is_call(user, fns={getattr}) and user.args[1] in _SIZE_ATTRS or
-                    user.op == "call_method" and user.target in _SIZE_METHODS):
-            upd.size_uses.append(user)
-            continue
-        if _is_noop_cast(user, src):  # e.g. GPT-J's key.to(torch.float32) on a float32 cache
-            reason = _classify_users(user, upd, top=False)
-            if reason:
-                return reason
-            continue
-        if top:
-            end = _repeat_kv_end(user)
-            if end is not None:
-                reason = _classify_users(end, upd, top=False)
-                if reason:
-                    return reason
-                continue
-        if _is_call(user, fns=_SDPA):
-            a = sdpa_args(user)
-            if a.get("key") is src and a.get("value") is not src:
-                upd.uses.append(Use("sdpa", user, "k"))
-                continue
-            if a.get("value") is src and a.get("key") is not src:
-                upd.uses.append(Use("sdpa", user, "v"))
-                continue
-            return f"it is passed to {describe(user)} as the query or as both key and value"
-        if _is_last_two_transpose(user):
-            mms = list(user.users)
-            if len(mms) == 1 and _is_call(mms[0], fns=_MATMUL) and len(mms[0].args) == 2 \
-                    and mms[0].args[1] is user and mms[0].args[0] is not user and rank(mms[0].args[0]) == 4:
-                upd.uses.append(Use("qk", mms[0], "k"))
-                continue
-            return f"its transpose {describe(user)} is used by something other than a query @ key matmul"
-        if _is_call(user, fns=_MATMUL) and len(user.args) == 2 and user.args[1] is src \
-                and user.args[0] is not src and rank(user.args[0]) == 4:
-            upd.uses.append(Use("pv", user, "v"))
-            continue
-        return f"it is used by {describe(user)}, which is not an attention op kvcompile understands"
-    return None
+# ---------------------------------------------------------------------------------------------
+# candidates
 
 
-def _cache_update(node: fx.Node) -> Optional[CacheUpdate]:
-    """A CacheUpdate if `node` concatenates two 4-D tensors along the sequence axis."""
+def _output_args(graph: fx.Graph) -> set:
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    return set(out.all_input_nodes)
+
+
+def _cat_args(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node, int]]:
     if not _is_call(node, fns=_CAT):
         return None
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or rank(node) != 4 or dim not in (2, -2):
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not isinstance(dim, int):
         return None
     past, new = tensors
-    if not (isinstance(past, fx.Node) and isinstance(new, fx.Node)) or rank(new) != 4:
+    r = rank(node)
+    if not (isinstance(past, fx.Node) and isinstance(new, fx.Node)) or r is None or r < 2 or rank(new) != r:
         return None
-    return CacheUpdate(node, past, new)
+    return past, new, dim % r
 
 
-def _window_start(node: fx.Node, cat: fx.Node) -> Optional[int]:
-    """`start` if `node` is `cat[:, :, start:]` (optionally `, :]` or `...`) with a constant start."""
-    if not (_is_call(node, fns={operator.getitem}) and node.args[0] is cat and isinstance(node.args[1], tuple)):
+def _window_start(node: fx.Node, cat: fx.Node, axis: int) -> Optional[int]:
+    """`start` if `node` is `cat[..., start:, ...]` along `axis` (every other dim whole), start a constant;
+    0 for an identity slice (`cat[..., 0:, :]`, `cat[:, :, :]`)."""
+    if not (_is_call(node, fns={operator.getitem}) and node.args[0] is cat):
         return None
-    idx = node.args[1]
+    idx = index_dims(node.args[1], rank(cat))
     full = slice(None, None, None)
-    if len(idx) < 3 or idx[0] != full or idx[1] != full or not all(i == full or i is Ellipsis for i in idx[3:]):
+    if idx is None or any(i != full for d, i in enumerate(idx) if d != axis):
         return None
-    cut = idx[2]
-    if not (isinstance(cut, slice) and isinstance(cut.start, int) and cut.stop is None and cut.step in (None, 1)):
+    cut = idx[axis]
+    if isinstance(cut, slice) and (cut.start is None or isinstance(cut.start, int)) and cut.stop is None \
+            and cut.step in (None, 1):
+        return cut.start or 0
+    return None
+
+
+def find_cache_updates(graph: fx.Graph, graph_break: Optional[str] = None) -> List[CacheUpdate]:
+    """Every growing, sliding and fresh cache update, classified (module docstring). `graph_break`: where
+    and why Dynamo ended this graph early, named for a cache that no attention of the graph reads."""
+    outputs = _output_args(graph)
+    updates = []
+    for node in graph.nodes:
+        cat = _cat_args(node)
+        if cat is None:
+            fresh = _fresh(node, outputs)
+            if fresh is not None:
+                updates.append(fresh)
+            continue
+        past, new, axis = cat
+        if not _carried(past):
+            continue  # a cat of computed tensors (RoPE's rotate-half, a mask): no cache
+        upd = CacheUpdate("growing", node, past, new, returned=node, axis=axis)
+        if node not in outputs:
+            windows = [u for u in node.users if _window_start(u, node, axis) is not None]
+            if len(windows) == 1 and windows[0] in outputs:
+                upd.returned, upd.window_start = windows[0], _window_start(windows[0], node, axis)
+                upd.kind = "sliding" if upd.window_start else "growing"  # 0: an identity slice
+            elif any(_is_call(u, fns={operator.getitem}) and u in outputs for u in node.users):
+                upd.reason = ("only a slice of it is returned, and not its newest tokens along the axis it grows "
+                              "(`cache[..., start:, ...]`, as a sliding-window cache keeps)")
+            else:
+                upd.reason = "its result is not a graph output, so it is not a cache that outlives the call"
+        if upd.reason is None:
+            _analyze(upd, skip={upd.returned})
+        if upd.reason == NO_ATTENTION and graph_break:
+            upd.reason = (f"no attention op reads it in this graph, which ends at a graph break ({graph_break}): the "
+                          f"cache update and the attention that reads it must be in one graph")
+        elif upd.reason is not None and _not_a_cache(upd):
+            continue  # a cat that is no KV cache (tokens, masks): not worth a report line
+        updates.append(upd)
+    _partners(updates)
+    return updates
+
+
+def _carried(past: fx.Node) -> bool:
+    """Whether a cat's first operand is carried from the previous call: a graph input, or the empty
+    tensor a lazily initialised cache starts from."""
+    v = val(past)
+    return past.op == "placeholder" or (isinstance(v, torch.Tensor) and v.numel() == 0)
+
+
+def _not_a_cache(upd: CacheUpdate) -> bool:
+    """A cat of tensors that attention never reads, at any remove: no cache of ours, not reported."""
+    return rank(upd.cache) not in (3, 4) or not _reaches_attention(upd.cache)
+
+
+def _reaches_attention(node: fx.Node, depth: int = 12) -> bool:
+    todo, seen = [node], set()
+    while todo and depth:
+        depth -= 1
+        nxt = []
+        for n in todo:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if _is_call(u, fns=_SDPA) or _is_matmul(u) or _is_baddbmm(u) or _is_call(u, fns={torch.einsum}):
+                    return True
+                nxt.append(u)
+        todo = nxt
+    return False
+
+
+def _fresh(node: fx.Node, outputs: set) -> Optional[CacheUpdate]:
+    """A first-call cache with no cat (a hand-written decoder's prefill returns its K and V): a computed
+    tensor that is returned and read by attention. Only kept if fully matched."""
+    if node.op not in ("call_function", "call_method") or rank(node) not in (3, 4) or node not in outputs:
         return None
-    return cut.start
-
-
-def _head_slice(node: fx.Node, src: fx.Node) -> bool:
-    """`src[:, :, :n]` (the first n tokens)."""
-    if not (_is_call(node, fns={operator.getitem}) and node.args[0] is src and isinstance(node.args[1], tuple)):
-        return False
-    idx = node.args[1]
-    full = slice(None, None, None)
-    return (len(idx) >= 3 and idx[0] == full and idx[1] == full and isinstance(idx[2], slice)
-            and idx[2].start in (None, 0) and idx[2].step in (None, 1) and all(i == full or i is Ellipsis for i in idx[3:]))
-
-
-_ZEROS = {torch.zeros, torch.zeros_like}
-
-
-def _token_index(idx) -> bool:
-    """`(:, :, pos)`: token positions along dim 2 (pos a tensor)."""
-    full = slice(None, None, None)
-    return (isinstance(idx, tuple) and len(idx) == 3 and idx[0] == full and idx[1] == full
-            and isinstance(idx[2], fx.Node) and isinstance(val(idx[2]), torch.Tensor))
+    if _is_call(node, fns=_CAT) or not _reaches_attention(node):
+        return None
+    upd = CacheUpdate("fresh", node, None, node, returned=node)
+    _analyze(upd, skip=set())
+    return upd if upd.matched and upd.reads else None
 
 
 def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
-    """Every `buf.index_copy_(2, pos, new)` of 4-D tensors, classified like a cat (module docstring).
-    The attention's uses are found through repeat_kv and, at prefill, a slice of the first tokens."""
+    """Every buffer written in place at token positions, classified: `buf.index_copy_(a, pos, new)`,
+    `buf.index_put_(indices, new)` and `buf[idx] = new` (_write_args), on a graph input (a module buffer, a tensor attribute, a buffer passed
+    in, a state) or on a zero-filled buffer the graph creates and returns (StaticCache's lazy init)."""
+    outputs = _output_args(graph)
     updates = []
     for node in graph.nodes:
-        if node.op == "call_method" and node.target == "index_copy_" and len(node.args) == 4:
-            buf, dim, pos, new = node.args
-        elif _is_call(node, fns={operator.setitem}) and len(node.args) == 3 and _token_index(node.args[1]) \
-                and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
-            buf, dim, pos, new = node.args[0], 2, node.args[1][2], node.args[2]  # gpt-fast: buf[:, :, pos] = new
-        else:
+        write = _write_args(node)
+        if write is None:
             continue
-        if not (isinstance(buf, fx.Node) and isinstance(new, fx.Node) and rank(buf) == 4 and rank(new) == 4
-                and dim in (2, -2)):
+        buf, dim, new, at = write
+        if not (isinstance(buf, fx.Node) and isinstance(new, fx.Node) and rank(buf) in (3, 4)
+                and rank(new) == rank(buf) and isinstance(dim, int)):
             continue
-        upd = CacheUpdate(buf, buf if buf.op == "placeholder" else None, new, write=node)
+        upd = CacheUpdate("static", buf, buf if buf.op == "placeholder" else None, new, axis=dim % rank(buf),
+                          write=node, write_at=at)
         updates.append(upd)
         if node.users:
             upd.reason = f"the result of {describe(node)} is used (instead of the buffer it writes)"
-        elif buf.op != "placeholder" and not (_is_call(buf, fns=_ZEROS) and any(u.op == "output" for u in buf.users)):
+        elif buf.op != "placeholder" and not (_is_call(buf, fns=_ZEROS) and buf in outputs):
             upd.reason = (f"the buffer {describe(buf)} is neither created zero-filled in this graph and returned, "
                           f"nor a graph input")
         else:
-            upd.reason = _classify_users(buf, upd, top=True)
-        if upd.reason is None and not upd.uses:
-            upd.reason = "no attention op reads it"
-        if upd.reason is None:
-            roles = {u.role for u in upd.uses}
-            upd.role = roles.pop() if len(roles) == 1 else None
-            if upd.role is None:
-                upd.reason = "it is read both as keys and as values"
-        if upd.reason is None:
-            upd.reason = _cross_attention(upd)
+            _analyze(upd, skip={node})
     _partners(updates)
     return updates
+
+
+def _write_args(node: fx.Node) -> Optional[Tuple[Any, Any, Any, Tuple]]:
+    """(buffer, dim, new tokens, where) of a write at token positions, or None; `where` is ("positions",
+    pos) for `buf.index_copy_(dim, pos, new)` and `buf.index_put_((None, .., pos), new)` (ExecuTorch's), or
+    ("index", idx) for `buf[idx] = new`."""
+    args = node.args
+    if node.op == "call_method" and node.target == "index_copy_" and len(args) == 4:
+        return args[0], args[1], args[3], ("positions", args[2])
+    index_put = (node.op == "call_method" and node.target == "index_put_") or \
+        (node.op == "call_function" and node.target in (torch.index_put_, torch.ops.aten.index_put_.default,
+                                                        torch.ops.aten.index_put_))
+    if index_put and len(args) == 3 and isinstance(args[1], (list, tuple)):
+        hit = [d for d, i in enumerate(args[1]) if i is not None]
+        if len(hit) == 1 and isinstance(args[1][hit[0]], fx.Node):
+            return args[0], hit[0], args[2], ("positions", args[1][hit[0]])
+        return None
+    if _is_call(node, fns={operator.setitem}) and len(args) == 3 and isinstance(args[0], fx.Node) \
+            and rank(args[0]) is not None:
+        return args[0], _write_index(args[1], rank(args[0])), args[2], ("index", args[1])
+    return None
+
+
+def _write_index(idx, ndim: int) -> Optional[int]:
+    """The dim `buf[idx] = new` writes token positions along, or None: one dim indexed by positions (a
+    tensor, or a slice `start:stop`), every other dim whole but for a batch prefix `:bsz` in dim 0
+    (`buf[:, :, pos] = k`: gpt-fast's; `cache_k[:bsz, start:start + n] = xk`: the reference Llama's)."""
+    dims = index_dims(idx, ndim)
+    if dims is None:
+        return None
+    full = slice(None, None, None)
+    cut = [d for d, i in enumerate(dims) if i != full]
+    if len(cut) == 2 and _is_prefix(dims[0]):
+        cut = cut[1:]
+    if len(cut) != 1:
+        return None
+    i = dims[cut[0]]
+    positions = isinstance(i, fx.Node) and isinstance(val(i), torch.Tensor) and val(i).dim() == 1
+    if positions or (isinstance(i, slice) and i.stop is not None and i.step in (None, 1)):
+        return cut[0]
+    return None
+
+
+def _is_prefix(i) -> bool:
+    return isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1)
+
+
+def fold_aliases(graph: fx.Graph) -> int:
+    """Replace each no-op cast by its input, and each use of an in-place op's result by the tensor it wrote:
+    `.to(x)` / `.type_as(x)` of a tensor already of that dtype and device, and `buf.index_copy_(..)`, return
+    the tensor itself (`self.cache_k = self.cache_k.to(xq)`: the reference Llama's; `k =
+    self.k.index_copy_(2, pos, k)`: litgpt's), so the graph is the same, and a buffer written through them
+    is seen to be the graph input it is."""
+    n = 0
+    for node in list(graph.nodes):
+        if _is_alias(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            n += 1
+        elif _returns_self(node) and node.users:
+            node.replace_all_uses_with(node.args[0])
+            n += 1
+    return n
+
+
+def _returns_self(node: fx.Node) -> bool:
+    """An in-place op (`x.index_copy_(..)`, `torch.ops.aten.index_put_(x, ..)`), whose result is `x` itself."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__") \
+        and bool(node.args) and isinstance(node.args[0], fx.Node) and val(node) is val(node.args[0]) \
+        and val(node) is not None
+
+
+def _is_alias(node: fx.Node) -> bool:
+    if not (node.op == "call_method" and node.target in ("to", "type_as") and node.args
+            and isinstance(node.args[0], fx.Node)) or set(node.kwargs) - {"dtype", "device", "non_blocking"}:
+        return False
+    a, b = val(node.args[0]), val(node)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a is b
 
 
 def static_rewrites(graph: fx.Graph) -> List[fx.Node]:
@@ -286,130 +356,337 @@ def static_rewrites(graph: fx.Graph) -> List[fx.Node]:
             and isinstance(val(n.args[0]), KVState) and val(n.args[0]).kv_layout.static]
 
 
-def _fresh_cache(node: fx.Node) -> Optional[CacheUpdate]:
-    """A first-call cache with no cat (e.g. a hand-written decoder's prefill returns its K and V):
-    a computed 4-D tensor that is returned and read by attention. Only kept if fully matched."""
-    if node.op not in ("call_function", "call_method") or rank(node) != 4 or _is_call(node, fns=_CAT):
-        return None
-    if not any(u.op == "output" for u in node.users):
-        return None
-    upd = CacheUpdate(node, None, node)
-    upd.reason = _classify_users(node, upd, top=True)
-    if upd.reason is not None or not upd.uses or len({u.role for u in upd.uses}) != 1:
-        return None
-    upd.role = upd.uses[0].role
-    return upd
+# ---------------------------------------------------------------------------------------------
+# the analysis of one update: follow its dims to the attention
 
 
-def find_cache_updates(graph: fx.Graph) -> List[CacheUpdate]:
-    """Every cat along the sequence axis of 4-D tensors, classified (see module docstring), and
-    every fresh cache (see _fresh_cache)."""
-    updates = []
-    for node in graph.nodes:
-        upd = _cache_update(node)
-        if upd is None:
-            fresh = _fresh_cache(node)
-            if fresh is not None:
-                updates.append(fresh)
-            continue
-        updates.append(upd)
-        if not any(u.op == "output" for u in node.users):
-            window = [u for u in node.users if _window_start(u, node) is not None]
-            if len(window) == 1 and all(v.op == "output" for v in window[0].users):
-                upd.window, upd.window_start = window[0], _window_start(window[0], node)
-            elif any(_is_call(u, fns={operator.getitem}) and any(v.op == "output" for v in u.users)
-                     for u in node.users):
-                upd.reason = ("only a slice of it is returned, and not its newest tokens along the sequence "
-                              "axis (`cache[:, :, start:]`, as a sliding-window cache layer keeps)")
-                continue
-            else:
-                upd.reason = "its result is not a graph output, so it is not a cache that outlives the call"
-                continue
-        upd.reason = _classify_users(node, upd, top=True)
-        if upd.reason is None and not upd.uses:
-            upd.reason = "no attention op reads it"
-        if upd.reason is None:
-            roles = {u.role for u in upd.uses}
-            if len(roles) != 1:
-                upd.reason = "it is read both as keys and as values"
-            else:
-                upd.role = roles.pop()
-    for upd in updates:
-        if upd.matched:
-            upd.reason = _cross_attention(upd)
-    _partners(updates)
-    return updates
+def _analyze(upd: CacheUpdate, skip: set) -> None:
+    """Fill upd.reads, size_uses, role, logical, heads, note, or set upd.reason."""
+    cache = upd.cache
+    labels: Dict[fx.Node, Labels] = {cache: cache_labels(cache)}
+    sizes = slot_sizes(cache)
+    node = cache.next
+    while node.op != "output":
+        inputs = [a for a in node.all_input_nodes if a in labels]
+        if inputs and node not in skip:
+            reason = _visit(upd, node, inputs, labels, sizes)
+            if reason:
+                upd.reason = reason
+                return
+        node = node.next
+    extra = [a for a in node.all_input_nodes if a in labels and a is not cache and a not in skip]
+    if extra:
+        upd.reason = f"{describe(extra[0])}, computed from it, is a graph output"
+        return
+    if not upd.reads:
+        upd.reason = NO_ATTENTION
+        return
+    upd.reason = _roles(upd, sizes) or _cross_attention(upd)
+
+
+def _visit(upd: CacheUpdate, node: fx.Node, inputs: List[fx.Node], labels: Dict[fx.Node, Labels],
+           sizes: Dict) -> Optional[str]:
+    """Classify one node that reads the cache or a tensor derived from it."""
+    cache = upd.cache
+    if (_is_call(node, fns={getattr}) and node.args[1] in _SIZE_ATTRS) or \
+            (node.op == "call_method" and node.target in _SIZE_METHODS):
+        if node.args[0] is cache:
+            upd.size_uses.append(node)
+        return None
+    read = _read(node, inputs, labels)
+    if isinstance(read, str):
+        return read
+    if read is not None:
+        upd.reads.append(read)
+        return None
+    src = inputs[0]
+    out = propagate(node, src, labels[src], sizes, labels)
+    if out is None:
+        return f"it is used by {describe(node)}, which is not a layout, value or attention op kvcompile understands"
+    labels[node] = out
+    return None
+
+
+def _read(node: fx.Node, inputs: List[fx.Node], labels: Dict[fx.Node, Labels]):
+    """A Read if `node` is an attention op reading a cache-derived input, a reason if it reads one the
+    wrong way, None if it is no attention op."""
+    if _is_call(node, fns=_SDPA):
+        a = sdpa_args(node)
+        slots = [s for s in ("query", "key", "value") if a.get(s) in inputs]
+        if slots not in (["key"], ["value"]):
+            return f"it is passed to {describe(node)} as the {' and '.join(slots)}"
+        operand = a[slots[0]]
+        return Read("sdpa", node, operand, labels[operand], slot=slots[0], other=a.get("query"))
+    if _is_matmul(node) or _is_baddbmm(node):
+        kind = "matmul" if _is_matmul(node) else "baddbmm"
+        if kind == "matmul":
+            lhs, rhs = node.args[0], node.args[1]
+        else:  # torch.baddbmm(input, batch1, batch2) or input.baddbmm(batch1, batch2), by name or position
+            args = dict(zip(("input", "batch1", "batch2"), node.args))
+            args.update(node.kwargs)
+            lhs, rhs = args.get("batch1"), args.get("batch2")
+            if args.get("input") in inputs:
+                return f"it is the bias of {describe(node)}"
+        if lhs in inputs or rhs not in inputs:
+            return f"it is the left operand of {describe(node)} (attention reads the cache on the right: q @ K^T, P @ V)"
+        return Read(kind, node, rhs, labels[rhs], other=lhs)
+    if _is_call(node, fns={torch.einsum}):
+        ops = node.args[1:] if len(node.args) > 2 else tuple(node.args[1])
+        if len(ops) != 2 or sum(o in inputs for o in ops) != 1 or not isinstance(node.args[0], str):
+            return f"it is read by {describe(node)}, an einsum kvcompile does not read as attention"
+        k = 0 if ops[0] in inputs else 1
+        return Read("einsum", node, ops[k], labels[ops[k]], other=ops[1 - k])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# roles: which atom holds the tokens, heads, head dim, batch
+
+
+def _letters_of(read: Read, t_atom) -> Tuple[Optional[Dict], str]:
+    """{atom: letter} for the cache atoms the read sees, and the read's slot ("qk" / "pv" for matmuls), or
+    (None, reason)."""
+    dims = read.labels.dims
+    if read.kind == "sdpa":
+        if len(dims) != 4:
+            return None, f"{describe(read.node)} reads a {len(dims)}-D tensor"
+        b, h, t, d = dims
+        got = {}
+        if b != (UNIT,):
+            if len(b) != 1:
+                return None, f"its batch dim is {b} in {describe(read.node)}"
+            got[b[0]] = "b"
+        heads = [a for a in h if a[0] == "c"]
+        if len(heads) > 1 or any(a[0] not in ("c", "r", "u") for a in h) or (h and h[0][0] == "r"):
+            return None, f"its heads reach {describe(read.node)} as {h}"
+        if heads:
+            got[heads[0]] = "h"
+        if len(t) != 1 or len(d) != 1 or t[0][0] != "c" or d[0][0] != "c":
+            return None, f"its tokens and head dim reach {describe(read.node)} as {t} and {d}"
+        got[t[0]], got[d[0]] = "t", "d"
+        return got, read.slot
+    if read.kind in ("matmul", "baddbmm"):
+        if len(dims) < 2:
+            return None, f"{describe(read.node)} reads a vector"
+        last, second = dims[-1], dims[-2]
+        if t_atom is not None:  # the tokens axis is known (the cat's): qk reads K^T, pv reads V
+            if last not in ((t_atom,), ) and second not in ((t_atom,), ):
+                return None, f"{describe(read.node)} does not contract or return the cache's tokens axis"
+            qk = last == (t_atom,)
+        else:  # a fresh cache: the probabilities (a softmax) multiply the values
+            qk = not _from_softmax(read.other)
+        slot, t, d = ("qk", last, second) if qk else ("pv", second, last)
+        if len(t) != 1 or len(d) != 1 or d[0][0] != "c":
+            return None, f"its tokens and head dim reach {describe(read.node)} as {t} and {d}"
+        got = {t[0]: "t", d[0]: "d"}
+        lead = [a for dd in dims[:-2] for a in dd if a != UNIT]
+        cache_atoms = [a for a in lead if a[0] == "c"]
+        if any(a[0] not in ("c", "r") for a in lead) or len(cache_atoms) > 2 or \
+                ("r" in [a[0] for a in lead] and lead[-1][0] != "r"):
+            return None, f"its leading dims reach {describe(read.node)} as {dims[:-2]}"
+        repeated = bool(lead) and lead[-1][0] == "r"
+        if len(cache_atoms) == 2:
+            got[cache_atoms[0]], got[cache_atoms[1]] = "b", "h"
+        elif len(cache_atoms) == 1:
+            got[cache_atoms[0]] = "h" if repeated else "b"
+        return got, slot
+    if read.kind == "einsum":
+        return _einsum_letters(read, t_atom)
+    return None, f"{describe(read.node)}"
+
+
+def _einsum_letters(read: Read, t_atom) -> Tuple[Optional[Dict], str]:
+    eq = read.node.args[0].replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None, f"the einsum {eq!r} of {describe(read.node)} has no explicit output"
+    ins, out = eq.split("->")
+    subs = ins.split(",")
+    ops = read.node.args[1:] if len(read.node.args) > 2 else tuple(read.node.args[1])
+    k = 0 if ops[0] is read.operand else 1
+    ks, xs = subs[k], subs[1 - k]
+    dims = read.labels.dims
+    if len(ks) != len(dims) or any(len(d) != 1 for d in dims) or len(set(ks)) != len(ks):
+        return None, f"the einsum {eq!r} of {describe(read.node)} reads the cache's dims merged or repeated"
+    atoms = dict(zip(ks, (d[0] for d in dims)))
+    contracted = [c for c in ks if c in xs and c not in out]
+    kept = [c for c in ks if c in out and c not in xs]
+    shared = [c for c in ks if c in xs and c in out]
+    if len(contracted) != 1 or len(kept) != 1 or any(atoms[c][0] != "c" for c in contracted + kept):
+        return None, f"the einsum {eq!r} of {describe(read.node)} is not q K^T or P V over the cache"
+    # qk: contracts the head dim, keeps the tokens; pv: contracts the tokens, keeps the head dim
+    if t_atom is not None:
+        qk = atoms[kept[0]] == t_atom
+    else:
+        qk = not _from_softmax(read.other)
+    t, d = (kept[0], contracted[0]) if qk else (contracted[0], kept[0])
+    got = {atoms[t]: "t", atoms[d]: "d"}
+    lead = [c for c in ks if c in shared and atoms[c] != UNIT]
+    if len(lead) > 2 or any(atoms[c][0] != "c" for c in lead):
+        return None, f"the einsum {eq!r} of {describe(read.node)} has more than batch and heads beside"
+    if len(lead) == 2:
+        got[atoms[lead[0]]], got[atoms[lead[1]]] = "b", "h"
+    elif lead:
+        got[atoms[lead[0]]] = "b"
+    # the other operand: [lead..., l, x] (x: d for qk, t for pv); the output: [lead..., l, t or d]
+    ls = [c for c in xs if c not in ks]
+    if len(ls) != 1 or set(xs) != set(lead) | {ls[0], d if qk else t} or set(out) != set(lead) | {ls[0], t if qk else d}:
+        return None, f"the einsum {eq!r} of {describe(read.node)} is not q K^T or P V over the cache"
+    order = lead + [ls[0], d if qk else t]
+    read.x_perm = tuple(xs.index(c) for c in order)
+    canon = lead + [ls[0], t if qk else d]
+    read.out_perm = tuple(canon.index(c) for c in out)
+    return got, "qk" if qk else "pv"
+
+
+def _from_softmax(node: Any, depth: int = 6) -> bool:
+    """Whether `node` is (a cast, dropout or copy of) a softmax: attention's probabilities."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return False
+        if (node.op == "call_function" and getattr(node.target, "__name__", "") in ("softmax", "_softmax")) or \
+                (node.op == "call_method" and node.target == "softmax"):
+            return True
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]
+    return False
+
+
+def _roles(upd: CacheUpdate, sizes: Dict) -> Optional[str]:
+    """Agree the reads' letters into the cache's logical layout; decide each read's route."""
+    t_atom = ("c", upd.axis, 0) if upd.axis is not None else None
+    letters: Dict = {}
+    roles = set()
+    for read in upd.reads:
+        got, slot = _letters_of(read, t_atom)
+        if got is None:
+            return slot
+        for atom, letter in got.items():
+            if letters.setdefault(atom, letter) != letter:
+                return f"its dim {atom[1]} is read as {letters[atom]} and as {letter} by different attention ops"
+        if read.kind != "sdpa":
+            read.slot = slot
+        roles.add("k" if read.slot in ("key", "qk") else "v")
+    if len(roles) != 1:
+        return "it is read both as keys and as values"
+    upd.role = roles.pop()
+    if sorted(letters.values()) != sorted(set(letters.values())):
+        return f"two of its dims are read as the same thing ({sorted(letters.values())})"
+    # every atom of the cache has a letter: the layout, one group per dim of the cache
+    groups = []
+    for slot in range(rank(upd.cache)):
+        parts = [a for a in letters if a[1] == slot]
+        whole = ("c", slot, 0)
+        if whole in letters and len(parts) == 1:
+            groups.append(letters[whole])
+        elif sorted(parts) == [("c", slot, 1), ("c", slot, 2)]:
+            pair = letters[("c", slot, 1)] + letters[("c", slot, 2)]
+            if pair not in ("hd", "bh"):
+                return f"its dim {slot} merges {pair[0]} and {pair[1]}, which kvcompile does not store"
+            groups.append(f"({pair})")
+        elif not parts and known_equal(sizes[whole], 1):
+            return f"its dim {slot} has size 1 and no role in attention"
+        else:
+            return f"attention reads its dim {slot} in parts kvcompile cannot follow"
+    if t_atom is not None and letters.get(t_atom) != "t":
+        return (f"it grows along dim {upd.axis}, but attention reads its tokens along another dim "
+                f"(a cat along the batch or heads, not a cache)")
+    upd.logical = "".join(groups)
+    h_atoms = [a for a, c in letters.items() if c == "h"]
+    upd.heads = int(sizes[h_atoms[0]]) if h_atoms and isinstance(sizes[h_atoms[0]], int) else 0
+    if any(len(g) > 1 for g in groups) and not upd.heads:
+        return "its heads are merged with another dim and their number is not known"
+    # routes: fused where attention reads a layout view of the cache in a form the ops take
+    why = set()
+    for read in upd.reads:
+        read.prefix = {letters.get(atom, "?"): stop for atom, stop in read.labels.prefix}
+        read.fused, read.why_dequantized = _fusable(read, upd.kind)
+        if not read.fused:
+            why.add(read.why_dequantized)
+    if why:
+        upd.note = f"attention reads it dequantized ({'; '.join(sorted(why))})"
+    return None
+
+
+def _fusable(read: Read, kind: str) -> Tuple[bool, str]:
+    if read.prefix and (kind != "static" or set(read.prefix) - {"t", "b"}):
+        return False, "attention reads a part of it" if kind == "static" else "attention reads a prefix of it"
+    if read.labels.valued:
+        return False, read.labels.valued
+    if read.labels.scaled:
+        return False, "it is scaled before attention"
+    if read.kind == "baddbmm":
+        return False, "its attention is a baddbmm (scores added to a bias)"
+    if read.kind == "matmul":
+        if not _query_lines_up(read):
+            return False, "the query's leading dims do not line up with the cache's"
+        return True, ""
+    return True, ""
+
+
+def _query_lines_up(read: Read) -> bool:
+    """matmul: the other operand's leading dims, flattened, run (batch, heads, repeats) as the cache's do:
+    the same number of leading dims, each of the cache's a unit (broadcast: a repeat) or the same size."""
+    x, k = shape(read.other), shape(read.operand)
+    if x is None or k is None or len(x) != len(k):
+        return False
+    return all(known_equal(a, b) or known_equal(b, 1) for a, b in zip(x[:-2], k[:-2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# across updates
 
 
 def _partners(updates: List[CacheUpdate]) -> None:
-    """SDPA needs both of its key and value to be matched cache updates (to a fixed point)."""
-    by_cat = {u.cat: u for u in updates}
-    changed = True
-    while changed:
-        changed = False
-        for upd in updates:
-            for use in upd.uses if upd.matched else ():
-                if use.kind != "sdpa":
-                    continue
-                a = sdpa_args(use.node)
-                other = by_cat.get(_strip_repeat(a["value"] if use.role == "k" else a["key"]))
-                if other is None or not other.matched:
-                    upd.reason = (f"its attention partner (the {'values' if use.role == 'k' else 'keys'} "
-                                  f"of {describe(use.node)}) is not a matched cache update")
-                    changed = True
-                    break
+    """SDPA reads keys and values at once: it is fused only if both are fused reads of matched updates."""
+    fused = {}
+    for upd in updates:
+        if upd.matched:
+            for read in upd.reads:
+                if read.kind == "sdpa":
+                    fused.setdefault(read.node, {})[read.slot] = read.fused
+    for upd in updates:
+        if not upd.matched:
+            continue
+        for read in upd.reads:
+            if read.kind == "sdpa" and read.fused and not all(fused[read.node].get(s) for s in ("key", "value")):
+                read.fused = False
+                read.why_dequantized = "its attention partner is not read from a quantized cache"
+                upd.note = upd.note or f"attention reads it dequantized ({read.why_dequantized})"
 
 
-def _tokens(node) -> Optional[object]:
-    v = val(node) if isinstance(node, fx.Node) else None
-    return v.shape[-2] if isinstance(v, torch.Tensor) and v.dim() >= 2 else None
-
-
-def _known_equal(a, b) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return bool(statically_known_true(a == b))
+def _query_len(read: Read):
+    out = shape(read.node)
+    if read.kind == "einsum":
+        return out[list(read.out_perm).index(len(read.out_perm) - 2)] if read.out_perm else None
+    return out[-2] if out is not None and len(out) >= 2 else None
 
 
 def _cross_attention(upd: CacheUpdate) -> Optional[str]:
     """In self-attention every appended token is also a query: the tokens appended equal the query
     length of each attention reading the cache. Otherwise the keys and values come from another
     sequence (an encoder-decoder's cross-attention): left alone."""
-    new = _tokens(upd.new)
-    for use in upd.uses:
-        query = sdpa_args(use.node).get("query") if use.kind == "sdpa" else use.node.args[0]
-        q = _tokens(query)
-        if new is None or q is None or not _known_equal(new, q):
-            return (f"it appends {new} tokens while {describe(use.node)} has {q} queries: keys and values from "
+    if upd.kind == "static":
+        return None
+    new = shape(upd.new)
+    n = new[upd.axis] if upd.axis is not None else new[_groups(upd.logical).index("t")]
+    for read in upd.reads:
+        q = _query_len(read)
+        if q is None or not known_equal(n, q):
+            return (f"it appends {n} tokens while {describe(read.node)} has {q} queries: keys and values from "
                     f"another sequence (cross-attention), which kvcompile leaves alone")
     return None
 
 
-def _strip_repeat(node) -> object:
-    """The tensor a chain of repeat_kv and no-op casts started from (`node` itself if none)."""
-    while isinstance(node, fx.Node):
-        if isinstance(node.args[0] if node.args else None, fx.Node) and _head_slice(node, node.args[0]):
-            node = node.args[0]  # a static buffer's prefill slice
-            continue
-        if node.op == "call_method" and node.target in _NOOP_METHODS and node.args \
-                and isinstance(node.args[0], fx.Node) and _is_noop_cast(node, node.args[0]):
-            node = node.args[0]
-            continue
-        if _is_call(node, "reshape") or _is_call(node, "view"):
-            expand = node.args[0]
-            if isinstance(expand, fx.Node) and _is_call(expand, "expand"):
-                getitem = expand.args[0]
-                if isinstance(getitem, fx.Node) and _repeat_kv_end(getitem) is node:
-                    node = getitem.args[0]
-                    continue
-        break
-    return node
+def _groups(logical: str) -> Tuple[str, ...]:
+    from ..layout import logical_dims
+
+    return logical_dims(logical)
 
 
 def count_attention_ops(graph: fx.Graph) -> Tuple[int, int]:
-    """(sdpa calls, matmuls of 4-D tensors): what attention there is in the graph, for the report."""
+    """(sdpa calls, matmuls): what attention there is in the graph, for the report."""
     sdpa = sum(1 for n in graph.nodes if _is_call(n, fns=_SDPA))
-    mm = sum(1 for n in graph.nodes if _is_call(n, fns=_MATMUL) and rank(n) == 4)
+    mm = sum(1 for n in graph.nodes if (_is_matmul(n) or _is_baddbmm(n) or _is_call(n, fns={torch.einsum}))
+             and rank(n) in (3, 4))
     return sdpa, mm
