@@ -6,6 +6,7 @@ Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from typing import Any, Callable, List, Mapping, Optional
@@ -111,3 +112,59 @@ def kvquant(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Map
     else:
         compiled = compile_graph(gm, example_inputs, config)
     return swapping(compiled, report.swaps) if report.swaps else compiled
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(model, backend="kvquant").generate(...): generate() belongs to the original module and
+# calls its uncompiled forward, so nothing would be compiled or quantized. The compiled module's
+# generate runs the original's with the forward compiled by the same torch.compile context (as
+# `model.forward = torch.compile(model.forward, ...)` would; Dynamo caches its graphs on forward's code,
+# so every generate() reuses them). A private part of Dynamo (OptimizedModule, its dynamo_ctx): where it
+# differs, generate() stays as torch has it, and the README says to use model.compile().
+
+
+def _is_kvquant(compiled: Any) -> bool:
+    """Whether a torch.compile'd module was compiled with this backend."""
+    obj = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):
+        if obj is None:
+            return False
+        if getattr(obj, "compiler_name", None) == "kvquant" or getattr(obj, "__name__", None) == "kvquant":
+            return True
+        obj = getattr(obj, "_torchdynamo_orig_backend", None)
+    return False
+
+
+def _generate(compiled: Any, generate: Callable, *args: Any, **kwargs: Any) -> Any:
+    model = compiled._orig_mod
+    own = model.__dict__.get("forward")  # a forward the user set on the instance
+    model.forward = compiled.dynamo_ctx(own if own is not None else type(model).forward.__get__(model))
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        if own is not None:
+            model.forward = own
+        else:
+            del model.forward
+
+
+def _install_generate() -> None:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:
+        return
+    getattr_ = OptimizedModule.__getattr__
+    if getattr(getattr_, "_kvquant", False):
+        return
+
+    def __getattr__(self: Any, name: str) -> Any:
+        value = getattr_(self, name)
+        if name == "generate" and callable(value) and _is_kvquant(self) and hasattr(self, "_orig_mod"):
+            return functools.partial(_generate, self, value)
+        return value
+
+    __getattr__._kvquant = True  # type: ignore[attr-defined]
+    OptimizedModule.__getattr__ = __getattr__
+
+
+_install_generate()

@@ -223,3 +223,31 @@ def test_numpy_integers_are_accepted_and_errors_name_the_option_set():
         layouts(Config(method="nqkv", bits=3, block_size=4), 12)
     with pytest.raises(KVQuantOptionError, match=r"^v_bits=3 packs 8 codes"):
         layouts(Config(method="nqkv", bits=4, v_bits=3, block_size=4), 12)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile", "forward"])
+def test_generate_on_each_compile_idiom_quantizes(how):
+    """`torch.compile(model, backend=...).generate(...)` (generate() belongs to the original module),
+    `model.compile(...)` and `model.forward = torch.compile(model.forward, ...)`: each quantizes the cache,
+    and equals the eager reference; the original module is left as it was."""
+    model = tiny("llama")
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(backend="kvquant", options=dict(KIVI, compiler="eager"))
+    torch._dynamo.reset()
+    if how == "torch.compile":
+        gen = torch.compile(model, **kw)
+    elif how == "model.compile":
+        model.compile(**kw)
+        gen = model
+    else:
+        model.forward = torch.compile(model.forward, **kw)
+        gen = model
+    cache = DynamicCache()
+    with torch.no_grad():
+        got = gen.generate(ids, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        want = tiny("llama").generate(ids, past_key_values=FakeQuantCache(Config(**KIVI)), max_new_tokens=12,
+                                      min_new_tokens=12, do_sample=False)
+    assert all(isinstance(layer.keys, KVState) and isinstance(layer.values, KVState) for layer in cache.layers)
+    assert torch.equal(got, want)
+    if how == "torch.compile":
+        assert "forward" not in model.__dict__
