@@ -24,13 +24,10 @@ KERNELS = ("auto", "triton", "torch")
 
 def use_triton(t: Tensor, *packed: Packed) -> bool:
     """Triton kernels on CUDA, the torch reference elsewhere. KVCOMPILE_KERNELS=triton forces the
-    kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference. A sliding
-    window that has dropped rows takes the reference: the kernels do not skip rows yet."""
+    kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference."""
     mode = os.environ.get("KVCOMPILE_KERNELS", "auto")
     if mode not in KERNELS:
         raise ValueError(f"KVCOMPILE_KERNELS must be one of {', '.join(KERNELS)}; got {mode!r}")
-    if any(int(p.skip) for p in packed):
-        return False
     return mode == "triton" or (mode == "auto" and t.is_cuda)
 
 

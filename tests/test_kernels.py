@@ -220,14 +220,16 @@ def test_quantize_rejects_bad_arguments():
 
 
 def run_attention(B, Hkv, gq, L, D, k_layout, v_layout, nq_k, nr_k, nq_v, dtype, mask_kind="none", is_causal=False,
-                  scale=None, num_splits=None, block_n=16, seed=0, dv=None, spare=0):
+                  scale=None, num_splits=None, block_n=16, seed=0, dv=None, spare=0, skip_k=0, skip_v=0):
     """The kernel against the reference and a float64 oracle; the packed storage has `spare` garbage
-    rows after its tokens (preallocated capacity) that no read may touch."""
+    rows after its tokens (preallocated capacity) that no read may touch, and its first skip_k / skip_v
+    rows dropped by a sliding window (of the nq_k / nq_v rows)."""
     gen = torch.Generator().manual_seed(seed)
-    T = nq_k + nr_k
+    T = nq_k - skip_k + nr_k
     dv = D if dv is None else dv
-    k = packed(B, Hkv, nq_k, nr_k, D, k_layout, dtype, gen=gen, spare=spare, device=DEVICE)
-    v = packed(B, Hkv, nq_v, T - nq_v, dv, v_layout, dtype, gen=gen, spare=spare, device=DEVICE)
+    k = packed(B, Hkv, nq_k, nr_k, D, k_layout, dtype, gen=gen, spare=spare, device=DEVICE)._replace(skip=skip_k)
+    v = packed(B, Hkv, nq_v, T - nq_v + skip_v, dv, v_layout, dtype, gen=gen, spare=spare,
+               device=DEVICE)._replace(skip=skip_v)
     q = torch.randn(B, Hkv * gq, L, D, generator=gen).to(dtype).to(DEVICE)
     mask = padding_mask(B, Hkv * gq, L, T, mask_kind, dtype, gen)
     kw = dict(attn_mask=mask, is_causal=is_causal, scale=scale)
@@ -235,7 +237,7 @@ def run_attention(B, Hkv, gq, L, D, k_layout, v_layout, nq_k, nr_k, nq_v, dtype,
     assert out.is_contiguous() and out.shape == (B, Hkv * gq, L, dv)
     name = (f"attention B={B} Hkv={Hkv} gq={gq} L={L} D={D} T={T} k={k_layout} nq_k={nq_k} v={v_layout} "
             f"nq_v={nq_v} {dtype} mask={mask_kind} causal={is_causal} splits={num_splits} block_n={block_n} "
-            f"spare={spare}")
+            f"spare={spare} skip={skip_k},{skip_v}")
     assert_error_within(out, ref.attention(q, k, v, **kw), oracle_attention(q, k, v, **kw), name)
 
 
@@ -310,6 +312,27 @@ def test_attention_spare_capacity(dtype):
     """Packed storage preallocated past its nq tokens: the garbage rows are never read."""
     run_attention(2, 2, 3, 1, 64, lay("kivi", 2, 32, TOKEN_AXIS), lay("kivi", 2, 32), 64, 9, 45, dtype,
                   mask_kind="bool", spare=40, num_splits=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k_layout,v_layout,nq_k,skip_k,nq_v,skip_v", [
+    (KIVI_K, KIVI_V, 32, 5, 30, 9),  # kivi: the first kept key inside a token group (start 1), values per token
+    (KIVI_K, KIVI_V, 32, 8, 20, 0),  # a whole group dropped (start 0: the one-scale-row path)
+    (lay("kivi", 2, 16, TOKEN_AXIS), lay("kivi", 4, 8, TOKEN_AXIS), 48, 19, 40, 13),  # both by token groups
+    (lay("int8", 8, 16, CHANNEL_AXIS), lay("int8", 8, 16, CHANNEL_AXIS), 40, 17, 40, 17),
+])
+def test_attention_skips_a_windows_dropped_rows(k_layout, v_layout, nq_k, skip_k, nq_v, skip_v, dtype):
+    """A sliding window's state: the first packed rows dropped (Packed.skip), read from the kept ones on."""
+    run_attention(2, 2, 3, 1, 16, k_layout, v_layout, nq_k, 6, nq_v, dtype, mask_kind="bool", num_splits=2,
+                  skip_k=skip_k, skip_v=skip_v, spare=3)
+    gen = torch.Generator().manual_seed(3)
+    k = packed(1, 2, nq_k, 6, 16, k_layout, dtype, gen=gen, device=DEVICE)._replace(skip=skip_k)
+    q = torch.randn(1, 4, 2, 16, generator=gen).to(dtype).to(DEVICE)
+    assert_error_within(ta.qk(q, k), ref.qk(q, k), q.double() @ cache64(k, 4).transpose(2, 3), "qk with skip")
+    T = nq_k - skip_k + 6
+    v = packed(1, 2, nq_v, T - nq_v + skip_v, 16, v_layout, dtype, gen=gen, device=DEVICE)._replace(skip=skip_v)
+    p = torch.softmax(torch.randn(1, 4, 2, T, generator=gen), dim=-1).to(dtype).to(DEVICE)
+    assert_error_within(ta.pv(p, v, num_splits=2), ref.pv(p, v), p.double() @ cache64(v, 4), "pv with skip")
 
 
 def test_attention_value_head_dim_differs():

@@ -9,9 +9,9 @@ Layouts (layout.Packed, reference.py; every inner tensor has PAD unused leading 
   k_codes           [B, Hkv, PAD + C, D * bits / 8]   uint8, low bits first (3-bit codes: 8 in 3 bytes)
   k_scale, k_mn     [B, Hkv, PAD + C / G, D]  (TOKEN_AXIS)  or  [B, Hkv, PAD + C, D / G]  (CHANNEL_AXIS)
                     (mn of width 0 for the formats that store no minimum)
-  k_res             [B, Hkv, PAD + Nr, D]             the newest Nr tokens; T = nq + Nr
+  k_res             [B, Hkv, PAD + Nr, D]             the newest Nr tokens; T = nq - skip + Nr
   v_*               the same with Dv, and their own nq, Nr (K and V flush at different times)
-The packed storage holds nq tokens, then spare rows. Each tensor's Layout gives the kernel constants
+The packed storage holds nq rows, the first `skip` of them dropped by a sliding window, then spare rows. Each tensor's Layout gives the kernel constants
 (format, bits, group, axis: `_Operand`); formats stored in a transformed basis (NFH) are read as their
 plain format with q, the residuals and the output transformed (reference.in_basis).
 
@@ -58,17 +58,20 @@ MASK_BOOL = tl.constexpr(2)  # a boolean mask, True = attend (read as uint8)
 
 @triton.jit
 def _kv_tile(
-    C, S, MN, R, LV, stride_cn, stride_sn, stride_rn, start_n, nq, t_len,
-    BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr, FMT: tl.constexpr, DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    C, S, MN, R, LV, stride_cn, stride_sn, stride_rn, start_n, nq, start, t_len,
+    BITS: tl.constexpr, GROUP: tl.constexpr, AXIS: tl.constexpr, FMT: tl.constexpr, ALIGNED: tl.constexpr,
+    DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Tokens [start_n, start_n + BLOCK_N) of one (batch, kv head) as a float32 [BLOCK_N, BLOCK_D]
-    tile: dequantized codes for tokens < nq, residual rows for nq <= token < t_len, 0 elsewhere.
+    tile: dequantized codes for tokens < nq (token n in packed row start + n: a sliding window's first
+    kept token may sit inside a token group, _Operand; ALIGNED: start is 0), residual rows for
+    nq <= token < t_len, 0 elsewhere.
     C, S, MN, R point at row PAD of their (batch, head); last strides are 1. FMT: the storage format
     (FMT_KIVI code * scale + mn; FMT_NF LV[code] * scale, LV the float32 levels; FMT_INT8
     (code - INT8_ZERO) * scale; FMT_FP8 e4m3fn(code) * scale; FMT_NONE: residual only); only FMT_KIVI
     has an MN."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    row_n = offs_n + start  # the packed row of each token
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < DIM
     x = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
@@ -83,24 +86,24 @@ def _kv_tile(
                 # 3 * (d % 8) of word d // 8 and may straddle two bytes
                 bit = 3 * (offs_d % 8)
                 at = 3 * (offs_d // 8) + bit // 8
-                row = C + offs_n[:, None] * stride_cn
+                row = C + row_n[:, None] * stride_cn
                 lo = tl.load(row + at[None, :], mask=q_ok, other=0).to(tl.int32)
                 hi_ok = q_ok & ((at + 1) < 3 * (DIM // 8))[None, :]
                 hi = tl.load(row + (at + 1)[None, :], mask=hi_ok, other=0).to(tl.int32)
                 code = ((lo | (hi << 8)) >> (bit % 8)[None, :]) & 7
             elif BITS == 8:
-                code = tl.load(C + offs_n[:, None] * stride_cn + offs_d[None, :], mask=q_ok, other=0).to(tl.int32)
+                code = tl.load(C + row_n[:, None] * stride_cn + offs_d[None, :], mask=q_ok, other=0).to(tl.int32)
             else:
                 offs_b = tl.arange(0, BLOCK_D // (8 // BITS))
                 b_ok = (offs_n < nq)[:, None] & (offs_b < DIM // (8 // BITS))[None, :]
-                byte = tl.load(C + offs_n[:, None] * stride_cn + offs_b[None, :], mask=b_ok, other=0).to(tl.int32)
+                byte = tl.load(C + row_n[:, None] * stride_cn + offs_b[None, :], mask=b_ok, other=0).to(tl.int32)
                 if BITS == 4:  # 2 codes a byte
                     code = tl.interleave(byte & 15, (byte >> 4) & 15)
                 else:  # BITS == 2: 4 codes a byte
                     code = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3),
                                          tl.interleave((byte >> 2) & 3, (byte >> 6) & 3))
             # -- scale / mn of each element's group --
-            if AXIS == TL_TOKEN_AXIS and GROUP % BLOCK_N == 0:
+            if AXIS == TL_TOKEN_AXIS and GROUP % BLOCK_N == 0 and ALIGNED:
                 # the tile lies inside one token group (start_n and Nq are multiples of BLOCK_N
                 # and GROUP): one row of scales, broadcast over the tile's tokens
                 sp = (start_n // GROUP) * stride_sn + offs_d
@@ -109,9 +112,9 @@ def _kv_tile(
                     mn = tl.load(MN + sp, mask=d_ok, other=0.0).to(tl.float32)[None, :]
             else:
                 if AXIS == TL_TOKEN_AXIS:
-                    sp = (offs_n // GROUP)[:, None] * stride_sn + offs_d[None, :]
+                    sp = (row_n // GROUP)[:, None] * stride_sn + offs_d[None, :]
                 else:
-                    sp = offs_n[:, None] * stride_sn + (offs_d // GROUP)[None, :]
+                    sp = row_n[:, None] * stride_sn + (offs_d // GROUP)[None, :]
                 sc = tl.load(S + sp, mask=q_ok, other=0.0).to(tl.float32)
                 if FMT == FMT_KIVI:
                     mn = tl.load(MN + sp, mask=q_ok, other=0.0).to(tl.float32)
@@ -194,9 +197,9 @@ def _attn_fwd_kernel(
     stride_vrb, stride_vrh, stride_vrn,
     stride_mb, stride_mh, stride_ml, stride_mn,
     stride_ob, stride_oh, stride_ol,
-    HKV, GQ, L, T, NQ_K, NQ_V, TILES_PER_SPLIT, N_SPLITS, qk_scale,
-    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, K_FMT: tl.constexpr,
-    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, V_FMT: tl.constexpr,
+    HKV, GQ, L, T, NQ_K, START_K, NQ_V, START_V, TILES_PER_SPLIT, N_SPLITS, qk_scale,
+    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, K_FMT: tl.constexpr, K_ALIGNED: tl.constexpr,
+    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, V_FMT: tl.constexpr, V_ALIGNED: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
@@ -235,8 +238,8 @@ def _attn_fwd_kernel(
     acc = tl.full((BLOCK_M, BLOCK_DV), 0.0, tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         # -- dequantize a K tile, compute qk --
-        k = _kv_tile(kc, ks, km, kr, KLV, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, T,
-                     K_BITS, K_GROUP, K_AXIS, K_FMT, D, BLOCK_N, BLOCK_D)
+        k = _kv_tile(kc, ks, km, kr, KLV, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, START_K, T,
+                     K_BITS, K_GROUP, K_AXIS, K_FMT, K_ALIGNED, D, BLOCK_N, BLOCK_D)
         k = _as_operand(k, COMPUTE, RNE_BF16, UPCAST)
         qk = _mm(q, tl.trans(k), IEEE) * qk_scale  # [BLOCK_M, BLOCK_N] logits
 
@@ -261,8 +264,8 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
 
         # -- dequantize a V tile, acc += p V --
-        v = _kv_tile(vc, vs, vm, vr, VLV, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, T,
-                     V_BITS, V_GROUP, V_AXIS, V_FMT, DV, BLOCK_N, BLOCK_DV)
+        v = _kv_tile(vc, vs, vm, vr, VLV, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, START_V, T,
+                     V_BITS, V_GROUP, V_AXIS, V_FMT, V_ALIGNED, DV, BLOCK_N, BLOCK_DV)
         v = _as_operand(v, COMPUTE, RNE_BF16, UPCAST)
         acc = acc * alpha[:, None] + _mm(_as_operand(p, COMPUTE, RNE_BF16, UPCAST), v, IEEE)
         m_i = m_new
@@ -335,8 +338,9 @@ def _qk_kernel(
     stride_ksb, stride_ksh, stride_ksn,
     stride_krb, stride_krh, stride_krn,
     stride_ob, stride_oh, stride_ol,
-    HKV, GQ, L, T, NQ_K, N_TILES,
-    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, K_FMT: tl.constexpr, D: tl.constexpr,
+    HKV, GQ, L, T, NQ_K, START_K, N_TILES,
+    K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_AXIS: tl.constexpr, K_FMT: tl.constexpr, K_ALIGNED: tl.constexpr,
+    D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE: tl.constexpr, RNE_BF16: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -353,8 +357,8 @@ def _qk_kernel(
     start_n = tile * BLOCK_N
     kc, ks, km, kr = head_rows(KC, KS, KM, KR, b, hkv, stride_kcb, stride_kch, stride_kcn, stride_ksb, stride_ksh,
                                stride_ksn, stride_krb, stride_krh, stride_krn)
-    k = _kv_tile(kc, ks, km, kr, KLV, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, T,
-                 K_BITS, K_GROUP, K_AXIS, K_FMT, D, BLOCK_N, BLOCK_D)
+    k = _kv_tile(kc, ks, km, kr, KLV, stride_kcn, stride_ksn, stride_krn, start_n, NQ_K, START_K, T,
+                 K_BITS, K_GROUP, K_AXIS, K_FMT, K_ALIGNED, D, BLOCK_N, BLOCK_D)
     s = _mm(q, tl.trans(_as_operand(k, COMPUTE, RNE_BF16, UPCAST)), IEEE)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -370,8 +374,9 @@ def _pv_kernel(
     stride_vsb, stride_vsh, stride_vsn,
     stride_vrb, stride_vrh, stride_vrn,
     stride_ob, stride_oh, stride_ol,
-    HKV, GQ, L, T, NQ_V, TILES_PER_SPLIT, N_SPLITS,
-    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, V_FMT: tl.constexpr, DV: tl.constexpr,
+    HKV, GQ, L, T, NQ_V, START_V, TILES_PER_SPLIT, N_SPLITS,
+    V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_AXIS: tl.constexpr, V_FMT: tl.constexpr, V_ALIGNED: tl.constexpr,
+    DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     COMPUTE: tl.constexpr, RNE_BF16: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -399,8 +404,8 @@ def _pv_kernel(
         p = tl.load(p_row[:, None] + offs_n[None, :] * stride_pn, mask=p_ok, other=0.0)
         if UPCAST:
             p = p.to(tl.float32)
-        v = _kv_tile(vc, vs, vm, vr, VLV, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, T,
-                     V_BITS, V_GROUP, V_AXIS, V_FMT, DV, BLOCK_N, BLOCK_DV)
+        v = _kv_tile(vc, vs, vm, vr, VLV, stride_vcn, stride_vsn, stride_vrn, start_n, NQ_V, START_V, T,
+                     V_BITS, V_GROUP, V_AXIS, V_FMT, V_ALIGNED, DV, BLOCK_N, BLOCK_DV)
         acc += _mm(p, _as_operand(v, COMPUTE, RNE_BF16, UPCAST), IEEE)
 
     dv_ok = (offs_dv < DV)[None, :]
@@ -436,6 +441,13 @@ class _Operand:
         fmt = lay.fmt
         if fmt.kernel is None:
             raise ValueError(f"{name}: format {lay.format!r} is read through its plain format (reference.in_basis)")
+        self.start = 0  # packed rows before the first token (a window's dropped rows inside a token group)
+        skip = int(p.skip) if lay.quantized else 0
+        if skip:  # dropped rows: read from the group holding the first kept token on (views, no copy)
+            self.start = skip % lay.group if lay.axis == TOKEN_AXIS else 0
+            off, srows = skip - self.start, lay.scale_rows(skip - self.start)
+            p = p._replace(codes=p.codes[:, :, off:], scale=p.scale[:, :, srows:], mn=p.mn[:, :, srows:],
+                           nq=p.nq - off, skip=0)
         self.nq = int(p.nq) if lay.quantized else 0
         self.levels = res  # a placeholder pointer unless the format reads a table
         if not lay.quantized:  # only the residual holds tokens; codes/scale/mn are unused
@@ -459,8 +471,9 @@ class _Operand:
         self.tensors = (codes, scale, mn, res)
         self.strides = (codes.stride(0), codes.stride(1), codes.stride(2), scale.stride(0), scale.stride(1),
                         scale.stride(2), res.stride(0), res.stride(1), res.stride(2))
+        self.nq -= self.start  # the kernels count the tokens held, from packed row `start` on
         self.ntok = self.nq + res.shape[2] - PAD
-        self.consts = dict(BITS=lay.bits, GROUP=lay.group, AXIS=lay.axis, FMT=fmt.kernel)
+        self.consts = dict(BITS=lay.bits, GROUP=lay.group, AXIS=lay.axis, FMT=fmt.kernel, ALIGNED=self.start == 0)
 
     def prefixed(self, prefix: str) -> dict:
         """The kernel constants as K_BITS=..., V_FMT=... ."""
@@ -587,7 +600,7 @@ def attention(
     _attn_fwd_kernel[(B * Hkv, num_splits, n_mblk)](
         q, *K.tensors, K.levels, *V.tensors, V.levels, mask, out, part_m, part_l, part_acc,
         *q.stride(), *K.strides, *V.strides, *mstr, out.stride(0), out.stride(1), out.stride(2),
-        Hkv, gq, L, T, K.nq, V.nq, tiles_per_split, num_splits, sm_scale,
+        Hkv, gq, L, T, K.nq, K.start, V.nq, V.start, tiles_per_split, num_splits, sm_scale,
         **K.prefixed("K"), **V.prefixed("V"),
         D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), WRITE_PARTIAL=partial, **flags,
@@ -621,7 +634,7 @@ def qk(q: Tensor, k: Packed, *, block_n: Optional[int] = None) -> Tensor:
     n_tiles = triton.cdiv(T, block_n)
     _qk_kernel[(B * Hkv * n_tiles, triton.cdiv(rows, block_m))](
         q, *K.tensors, K.levels, out, *q.stride(), *K.strides, out.stride(0), out.stride(1), out.stride(2),
-        Hkv, gq, L, T, K.nq, n_tiles, **K.prefixed("K"), D=D,
+        Hkv, gq, L, T, K.nq, K.start, n_tiles, **K.prefixed("K"), D=D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **dtype_flags(q.dtype), num_warps=num_warps,
     )
     return out
@@ -654,7 +667,7 @@ def pv(p: Tensor, v: Packed, *, num_splits: Optional[int] = None, block_n: Optio
     part = torch.empty((B * Hkv, num_splits, rows, Dv), dtype=torch.float32, device=p.device) if partial else out
     _pv_kernel[(B * Hkv, num_splits, n_mblk)](
         p, *V.tensors, V.levels, out, part, *p.stride(), *V.strides, out.stride(0), out.stride(1), out.stride(2),
-        Hkv, gq, L, T, V.nq, tiles_per_split, num_splits, **V.prefixed("V"), DV=Dv,
+        Hkv, gq, L, T, V.nq, V.start, tiles_per_split, num_splits, **V.prefixed("V"), DV=Dv,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, WRITE_PARTIAL=partial, **dtype_flags(p.dtype),
         num_warps=num_warps,
     )
