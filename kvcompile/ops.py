@@ -105,7 +105,14 @@ def grow(p: Packed, capacity, start=0) -> Tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.custom_op("kvquant::write_", mutates_args=("codes", "scale", "mn"))
 def _write_op(codes: Tensor, scale: Tensor, mn: Tensor, layout: str, new: Tensor, pos: Tensor) -> None:
-    c, s, m = ref.quantize(new.to(scale.dtype), Layout.from_key(layout))
+    lay, new = Layout.from_key(layout), new.to(scale.dtype)
+    if use_triton(new):  # quantized by the kernel, scattered to the positions by torch
+        from .kernels import triton_quantize
+
+        _count("triton_quantize_calls")
+        c, s, m = triton_quantize.quantize(new, lay)
+    else:
+        c, s, m = ref.quantize(new, lay)
     idx = pos.to(codes.device) + PAD
     codes.index_copy_(2, idx, c)
     scale.index_copy_(2, idx, s)
@@ -119,7 +126,8 @@ def _(codes, scale, mn, layout, new, pos) -> None:
 
 def write_(p: Packed, new: Tensor, pos: Tensor) -> None:
     """Quantize tokens new [B, H, L, D], each on its own (a per-token layout), and write them at token
-    positions `pos` [L] of the packed storage, in place (a fixed-size buffer: StaticCache)."""
+    positions `pos` [L] of the packed storage, in place (a fixed-size buffer: StaticCache): the Triton
+    quantizer where the kernels run (use_triton), then an index_copy_ of the rows."""
     _write_op(p.codes, p.scale, p.mn, p.layout.key, new, pos)
 
 

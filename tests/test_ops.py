@@ -115,8 +115,16 @@ def test_symmetric_format_compact(fmt, bits, group):
     assert_exact(deq[:, :, 7:], ref.unpad(p.res)[:, :, 3:], "residual")
 
 
-def test_write_quantizes_each_token_where_it_goes():
-    layout = lay("int8", 8, 8, static=True)
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("fmt,bits", [("int8", 8), ("nf", 4), ("fp8", 8), ("nfh", 3)])
+def test_write_quantizes_each_token_where_it_goes(fmt, bits, kernels, monkeypatch):
+    """Bit for bit the reference's tokens, at their positions, through the torch ops or the Triton
+    quantizer (KVCOMPILE_KERNELS=triton: interpreted here)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("KVCOMPILE_KERNELS", kernels)
+    counters.clear()
+    layout = lay(fmt, bits, 8, static=True)
     p = packed(1, 2, 6, 0, 8, layout)
     new, pos = torch.randn(1, 2, 2, 8), torch.tensor([4, 1])
     args = (p.codes, p.scale, p.mn, layout.key, new, pos)
@@ -125,6 +133,7 @@ def test_write_quantizes_each_token_where_it_goes():
     want[:, :, pos] = ref.qdq(new, layout)
     ops.write_(p, new, pos)
     assert_exact(ref.full(p), want, "written buffer")
+    assert (counters["kvquant"]["triton_quantize_calls"] > 0) == (kernels == "triton")
 
 
 def test_layout_crosses_the_op_boundary_as_its_key():
