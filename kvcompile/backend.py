@@ -7,6 +7,7 @@ Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import warnings
 from typing import Any, Callable, List, Mapping, Optional
@@ -65,9 +66,15 @@ def _graph_break(gm: fx.GraphModule) -> Optional[str]:
 
 def _raise_recompile_limit() -> None:
     """Give the compiled region being traced (the user's torch.compile call) a recompile limit of at least
-    RECOMPILE_LIMIT, as `torch.compile(..., recompile_limit=N)` would: only frames compiled with kvquant
-    are affected. A private part of Dynamo: where it is missing, the limit stays, and a frame that falls
-    back to eager is warned about by the state (state.warn_eager)."""
+    RECOMPILE_LIMIT, as `torch.compile(..., recompile_limit=N)` would, and Dynamo's default limit too: a
+    frame's graphs count against the limit across every torch.compile call of it (a model compiled again
+    with other options, or a copy of it compiled for generate()), and a new call's region starts at the
+    default before its first graph is compiled. A private part of Dynamo: where it is missing, the limit
+    stays; a frame that still reaches it is warned about (_RecompileLimitWatch, state.warn_eager)."""
+    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+        log.info("kvquant: torch._dynamo.config.recompile_limit raised from %d to %d",
+                 torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     frame = sys._getframe(1)
     while frame is not None:
         convert = frame.f_locals.get("self")
@@ -79,6 +86,30 @@ def _raise_recompile_limit() -> None:
                          RECOMPILE_LIMIT)
             return
         frame = frame.f_back
+
+
+class _RecompileLimitWatch(logging.Filter):
+    """Dynamo says on its convert_frame logger when a frame hits its recompile limit: from then on new
+    shapes of that frame run uncompiled, and a cache they create is never quantized (nothing of
+    kvcompile's runs to notice). Once kvquant has compiled a graph in this process, that log line also
+    becomes a KVQuantWarning (shown once per function by the warnings filter's default)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from torch._dynamo.utils import counters
+
+        msg = str(record.msg)
+        if "hit config." in msg and counters["kvquant"]["graphs"] and len(record.args or ()) >= 3:
+            limit_type, limit, function = record.args[:3]
+            warnings.warn(
+                f"kvquant: Dynamo's recompile limit (torch._dynamo.config.{limit_type} = {limit}) was reached for "
+                f"{function}: its new shapes now run uncompiled, so a KV cache they create stays in full "
+                f"precision (an existing quantized cache stays quantized, read dequantized). Raise "
+                f"torch._dynamo.config.{limit_type}, or call torch._dynamo.reset() between unrelated workloads "
+                f"(TORCH_LOGS=recompiles shows why it recompiled).", KVQuantWarning, stacklevel=2)
+        return True
+
+
+logging.getLogger("torch._dynamo.convert_frame").addFilter(_RecompileLimitWatch())
 
 
 def _without_grad(compiled: Callable) -> Callable:

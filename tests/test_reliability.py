@@ -251,3 +251,23 @@ def test_generate_on_each_compile_idiom_quantizes(how):
     assert torch.equal(got, want)
     if how == "torch.compile":
         assert "forward" not in model.__dict__
+
+
+def test_a_recompile_limit_that_is_still_hit_is_warned(monkeypatch):
+    """Past the (raised) recompile limit a frame's new shapes run uncompiled, and a fresh cache they fill
+    stays in full precision: nothing of kvcompile's runs then, so the warning comes from Dynamo's own
+    log line, once per function, naming the limit and what to do."""
+    import kvcompile.backend
+
+    monkeypatch.setattr(kvcompile.backend, "RECOMPILE_LIMIT", 1)
+    model = tiny("llama")
+    f = torch.compile(model, backend="kvquant", options=dict(KIVI, compiler="eager"))
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False), \
+            warnings.catch_warnings(record=True) as rec, torch.no_grad():
+        warnings.simplefilter("always")
+        for n in (3, 4, 5):  # each prompt length a graph of its own (no dynamic shapes)
+            cache = DynamicCache()
+            f(_ids(1, n), past_key_values=cache, use_cache=True)
+    hits = _kv_warnings(rec, "recompile limit")
+    assert len(hits) == 1 and "recompile_limit = 1" in str(hits[0].message), [str(w.message) for w in rec]
+    assert not any(isinstance(t, KVState) for t in kvcompile.cache_tensors(cache))  # the fallback it warns of
