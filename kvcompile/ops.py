@@ -19,12 +19,13 @@ from torch._dynamo.utils import counters
 from .kernels import reference as ref
 from .layout import PAD, Layout, Packed
 
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "torch", "cpu")
 
 
 def use_triton(t: Tensor, *packed: Packed) -> bool:
     """Triton kernels on CUDA, the torch reference elsewhere. KVCOMPILE_KERNELS=triton forces the
-    kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference."""
+    kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference; =cpu takes the
+    Inductor-compiled CPU decode attention (kernels/cpu.py) where it applies, the reference elsewhere."""
     mode = os.environ.get("KVCOMPILE_KERNELS", "auto")
     if mode not in KERNELS:
         raise ValueError(f"KVCOMPILE_KERNELS must be one of {', '.join(KERNELS)}; got {mode!r}")
@@ -181,6 +182,12 @@ def _attention_op(
 
         _count("triton_attention_calls")
         return triton_attention.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    if os.environ.get("KVCOMPILE_KERNELS") == "cpu":
+        from .kernels import cpu
+
+        if cpu.usable(q, k, v, dropout_p):
+            _count("cpu_attention_calls")
+            return cpu.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     return ref.attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                          enable_gqa=enable_gqa)
 

@@ -577,3 +577,46 @@ def test_kernels_compile_for_sm90():
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "compiled" in run.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# the CPU's compiled decode attention (kernels/cpu.py): the same oracle
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # each layout pair and mask kind is a graph Inductor compiles to C++ (tens of seconds here)
+@pytest.mark.parametrize("k_layout,v_layout,mask_kind,L", [
+    (KIVI_K, KIVI_V, "bool", 1), (lay("kivi", 4, 8, TOKEN_AXIS), lay("kivi", 4, 16, CHANNEL_AXIS), "causal", 3),
+    (lay("int8", 8, 16), lay("int8", 8, 16), "additive", 2), (lay("nf", 4, 16), lay("nf", 3, 8), "bool", 1),
+    (lay("fp8", 8, 16), lay("fp8", 8, 16), "bool", 1),
+])
+def test_cpu_decode_attention_matches_float64(k_layout, v_layout, mask_kind, L):
+    """Within 2x the reference's own error against float64, GQA 3, a window with dropped rows included."""
+    from kvcompile.kernels import cpu
+
+    gen = torch.Generator().manual_seed(7)
+    B, Hkv, gq, D = 2, 2, 3, 16
+    for skip_k, skip_v in ((0, 0), (5, 3)):
+        nq_k, nr_k, nq_v = 32, 5, 24
+        T = nq_k - skip_k + nr_k
+        k = packed(B, Hkv, nq_k, nr_k, D, k_layout, gen=gen)._replace(skip=skip_k)
+        v = packed(B, Hkv, nq_v, T - nq_v + skip_v, D, v_layout, gen=gen)._replace(skip=skip_v)
+        q = torch.randn(B, Hkv * gq, L, D, generator=gen)
+        mask = padding_mask(B, Hkv * gq, L, T, "none" if mask_kind == "causal" else mask_kind, torch.float32, gen)
+        kw = dict(attn_mask=mask, is_causal=mask_kind == "causal")
+        assert cpu.usable(q, k, v, 0.0) == all(p.layout.format in cpu.FORMATS for p in (k, v))
+        assert_error_within(cpu.attention(q, k, v, **kw), ref.attention(q, k, v, **kw), oracle_attention(q, k, v, **kw),
+                            f"cpu attention {k_layout.format}/{v_layout.format} {mask_kind} L={L} skip={skip_k},{skip_v}")
+
+
+@pytest.mark.slow
+def test_cpu_decode_attention_fully_masked_row_is_zero():
+    from kvcompile.kernels import cpu
+
+    k, v, gen = _kv(2, Hkv=1, nk=(8, 3), nv=(4, 7))
+    q = torch.randn(1, 2, 2, 16, generator=gen)
+    mask = torch.ones(1, 1, 2, 11, dtype=torch.bool)
+    mask[..., 0, :] = False
+    out = cpu.attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
+    torch.testing.assert_close(out[:, :, 1], ref.attention(q, k, v, attn_mask=mask)[:, :, 1])
