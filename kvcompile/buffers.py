@@ -25,16 +25,14 @@ from .state import KVState, kv_static_from
 
 
 def swapping(compiled: Callable, swaps: List[Tuple[int, Layout]]) -> Callable:
-    """`compiled`, which swaps the buffers (graph input index, layout) for states after its first call."""
-    pending = list(swaps)
+    """`compiled`, which swaps the buffers (graph input index, layout) for states after each call that
+    got them as plain tensors: the first call, and the first of any other instance of the model whose
+    buffers pass the same guards."""
 
     def run(*args: Any) -> Any:
         out = compiled(*args)
-        if pending:
-            todo = pending[:]
-            pending.clear()
-            for i, layout in todo:
-                swap(args[i], layout)
+        for i, layout in swaps:
+            swap(args[i], layout)
         return out
 
     return run

@@ -122,6 +122,19 @@ def test_batch_smaller_than_the_buffers():
     check(Idiom(cache="attribute", write="slice", read="prefix", layout="bthd"), "int8", batch=1)
 
 
+def test_a_second_instance_of_the_model_is_swapped_too():
+    """Two instances of one decoder class, compiled in turn: each one's buffers are swapped after its own
+    first call (buffers.swapping checks every call, whether Dynamo gives the second instance a graph of
+    its own or reuses the first's)."""
+    idiom = Idiom(cache="buffer", write="index", read="whole")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    models = [Decoder(idiom, seed=s).eval() for s in (0, 1)]
+    for m in models:
+        run(torch.compile(m, backend="kvquant", options=dict(method="int8", compiler="eager")), ids, 5)
+    assert all(isinstance(t, KVState) for m in models for t in buffers_of(m, None))
+
+
 def test_bytes_held_are_the_packed_rows():
     model = check(Idiom(cache="buffer", write="index", read="whole"), "int8")
     for s in buffers_of(model, None):
