@@ -144,7 +144,7 @@ def test_layout_crosses_the_op_boundary_as_its_key():
 
 def test_which_reads_take_the_triton_kernels(monkeypatch):
     """KVCOMPILE_KERNELS=triton forces the kernels (a window that has dropped rows too), =torch the
-    reference."""
+    reference, =cpu the compiled CPU path (kernels/cpu.py) where it applies; anything else is refused."""
     monkeypatch.setenv("KVCOMPILE_KERNELS", "triton")
     t = torch.zeros(1)
     p = packed(1, 1, 4, 1, 8, lay("nfh", 4, 8))
@@ -152,6 +152,8 @@ def test_which_reads_take_the_triton_kernels(monkeypatch):
     assert ops.use_triton(t, p._replace(skip=1))
     monkeypatch.setenv("KVCOMPILE_KERNELS", "torch")
     assert not ops.use_triton(t, p)
+    monkeypatch.setenv("KVCOMPILE_KERNELS", "cpu")  # the compiled CPU path, not Triton
+    assert not ops.use_triton(t, p)
     monkeypatch.setenv("KVCOMPILE_KERNELS", "gpu")
-    with pytest.raises(ValueError, match="KVCOMPILE_KERNELS must be one of auto, triton, torch; got 'gpu'"):
+    with pytest.raises(ValueError, match="KVCOMPILE_KERNELS must be one of auto, triton, torch, cpu; got 'gpu'"):
         ops.use_triton(t)

@@ -181,7 +181,8 @@ def test_static_sliding_layers(prefill):
     """Gemma 3 with a StaticCache: its sliding layers' fixed buffers (window 12) are written by index
     until full, then rolled and rewritten whole (`copy_`): quantized again as written, matching
     FakeQuantStaticCache under plain Dynamo bit for bit. A prompt longer than the window is copied
-    in whole into a buffer the graph cannot swap: that layer stays full precision, in both."""
+    in whole into the full-precision buffer (copy_, not a write at token positions): that layer stays
+    full precision, in both, and a warning says so."""
     import zoo
     from transformers import StaticCache
 
@@ -191,8 +192,13 @@ def test_static_sliding_layers(prefill):
     kvcompile.reset()
     torch._dynamo.reset()
     cache = StaticCache(config=cfg, max_cache_len=40)
-    got = decode(torch.compile(model, backend="kvquant", options=opts), ids, prefill, cache)
-    assert counters["kvquant"]["cache_updates_left_alone"] == 0
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = decode(torch.compile(model, backend="kvquant", options=opts), ids, prefill, cache)
+    whole = [w for w in rec if issubclass(w.category, KVQuantWarning) and "rewrites the full-precision buffer whole"
+             in str(w.message)]
+    assert bool(whole) == (prefill >= cfg.sliding_window)
+    assert (counters["kvquant"]["cache_updates_left_alone"] == 0) == (prefill < cfg.sliding_window)
     torch._dynamo.reset()
     want = decode(torch.compile(model, backend="eager"), ids, prefill,
                   FakeQuantStaticCache(Config(**opts), cfg, max_cache_len=40))

@@ -241,8 +241,10 @@ def _fresh(node: fx.Node, outputs: set) -> Optional[CacheUpdate]:
 
 def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
     """Every buffer written in place at token positions, classified: `buf.index_copy_(a, pos, new)`,
-    `buf.index_put_(indices, new)` and `buf[idx] = new` (_write_args), on a graph input (a module buffer, a tensor attribute, a buffer passed
-    in, a state) or on a zero-filled buffer the graph creates and returns (StaticCache's lazy init)."""
+    `buf.index_put_(indices, new)` and `buf[idx] = new` (_write_args), on a graph input (a module buffer,
+    a tensor attribute, a buffer passed in, a state) or on a zero-filled buffer the graph creates and
+    returns (StaticCache's lazy init). A full-precision buffer rewritten whole (`buf.copy_(x)`: a rolled
+    sliding window) that attention reads is reported, left alone."""
     outputs = _output_args(graph)
     updates = []
     for node in graph.nodes:
@@ -251,16 +253,25 @@ def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
             continue
         buf, dim, new, at = write
         if not (isinstance(buf, fx.Node) and isinstance(new, fx.Node) and rank(buf) in (3, 4)
-                and rank(new) == rank(buf) and isinstance(dim, int)):
+                and rank(new) == rank(buf) and (isinstance(dim, int) or at[0] == "whole")):
             continue
-        upd = CacheUpdate("static", buf, buf if buf.op == "placeholder" else None, new, axis=dim % rank(buf),
-                          write=node, write_at=at)
+        upd = CacheUpdate("static", buf, buf if buf.op == "placeholder" else None, new,
+                          axis=dim % rank(buf) if isinstance(dim, int) else None, write=node, write_at=at)
+        if at[0] == "whole":
+            upd.reason = (f"{describe(node)} rewrites the full-precision buffer whole (a rolled sliding window, or a "
+                          f"prompt longer than the window); kvcompile quantizes a buffer written at token positions")
+            if _read_by_attention(buf):
+                updates.append(upd)
+            continue
+        if buf.op != "placeholder" and not (_is_call(buf, fns=_ZEROS) and buf in outputs):
+            if _read_by_attention(buf):  # a computed tensor written in place: no cache of its own unless read so
+                upd.reason = (f"the buffer {describe(buf)} is neither created zero-filled in this graph and returned, "
+                              f"nor a graph input")
+                updates.append(upd)
+            continue
         updates.append(upd)
         if node.users:
             upd.reason = f"the result of {describe(node)} is used (instead of the buffer it writes)"
-        elif buf.op != "placeholder" and not (_is_call(buf, fns=_ZEROS) and buf in outputs):
-            upd.reason = (f"the buffer {describe(buf)} is neither created zero-filled in this graph and returned, "
-                          f"nor a graph input")
         else:
             _analyze(upd, skip={node})
     _partners(updates)
@@ -269,8 +280,9 @@ def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
 
 def _write_args(node: fx.Node) -> Optional[Tuple[Any, Any, Any, Tuple]]:
     """(buffer, dim, new tokens, where) of a write at token positions, or None; `where` is ("positions",
-    pos) for `buf.index_copy_(dim, pos, new)` and `buf.index_put_((None, .., pos), new)` (ExecuTorch's), or
-    ("index", idx) for `buf[idx] = new`."""
+    pos) for `buf.index_copy_(dim, pos, new)` and `buf.index_put_((None, .., pos), new)` (ExecuTorch's),
+    ("index", idx) for `buf[idx] = new`, ("whole", None) for `buf.copy_(x)` of a full-precision buffer
+    (dim None)."""
     args = node.args
     if node.op == "call_method" and node.target == "index_copy_" and len(args) == 4:
         return args[0], args[1], args[3], ("positions", args[2])
@@ -285,7 +297,39 @@ def _write_args(node: fx.Node) -> Optional[Tuple[Any, Any, Any, Tuple]]:
     if _is_call(node, fns={operator.setitem}) and len(args) == 3 and isinstance(args[0], fx.Node) \
             and rank(args[0]) is not None:
         return args[0], _write_index(args[1], rank(args[0])), args[2], ("index", args[1])
+    if node.op == "call_method" and node.target == "copy_" and len(args) == 2 and isinstance(args[0], fx.Node) \
+            and isinstance(args[1], fx.Node) and shape(args[0]) == shape(args[1]) \
+            and not _is_state(val(args[0])):  # a state rewritten whole quantizes as written (static_rewrites)
+        return args[0], None, args[1], ("whole", None)
     return None
+
+
+_VIEWS = {"transpose", "permute", "view", "reshape", "expand", "contiguous", "repeat_interleave", "unsqueeze",
+          "flatten", "to", "float", "type_as"}
+
+
+def _read_by_attention(node: fx.Node, depth: int = 6) -> bool:
+    """Whether attention reads `node` as its keys or values through layout ops only (a buffer that is a KV
+    cache, not a recurrent state that only feeds the layer's later input)."""
+    todo = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in todo:
+            for u in n.users:
+                if _is_call(u, fns=_SDPA) and n in (sdpa_args(u).get("key"), sdpa_args(u).get("value")):
+                    return True
+                if _is_matmul(u) and len(u.args) > 1 and u.args[1] is n:
+                    return True
+                if (u.op == "call_method" and u.target in _VIEWS) or _is_call(u, fns={operator.getitem}):
+                    nxt.append(u)
+        todo = nxt
+    return False
+
+
+def _is_state(v: Any) -> bool:
+    from ..state import KVState
+
+    return isinstance(v, KVState)
 
 
 def _write_index(idx, ndim: int) -> Optional[int]:
