@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from ..layout import index_dims
+from ..layout import index_dims, logical_dims
 from .axes import UNIT, Labels, cache_labels, known_equal, propagate, shape, slot_sizes, val
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
@@ -713,7 +713,7 @@ def _cross_attention(upd: CacheUpdate) -> Optional[str]:
     if upd.kind == "static":
         return None
     new = shape(upd.new)
-    n = new[upd.axis] if upd.axis is not None else new[_groups(upd.logical).index("t")]
+    n = new[upd.axis] if upd.axis is not None else new[logical_dims(upd.logical).index("t")]
     for read in upd.reads:
         q = _query_len(read)
         if q is None or not known_equal(n, q):
@@ -721,11 +721,6 @@ def _cross_attention(upd: CacheUpdate) -> Optional[str]:
                     f"another sequence (cross-attention), which kvcompile leaves alone")
     return None
 
-
-def _groups(logical: str) -> Tuple[str, ...]:
-    from ..layout import logical_dims
-
-    return logical_dims(logical)
 
 
 def count_attention_ops(graph: fx.Graph) -> Tuple[int, int]:

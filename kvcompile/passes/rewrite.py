@@ -36,6 +36,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..config import Config
+from ..layout import logical_dims
 from ..methods import layouts, static_reason
 from ..report import Entry, GraphReport, KVQuantWarning, log, new_report
 from ..state import (KVState, kv_append, kv_compact, kv_full, kv_prefix, kv_pv, kv_qk, kv_sdpa, kv_static_empty,
@@ -63,7 +64,7 @@ class _Rewriter:
 
     def layout(self, upd: CacheUpdate):
         shape = val(upd.cache).shape
-        groups = _groups(upd.logical)
+        groups = logical_dims(upd.logical)
         d = dict(zip(groups, shape)).get("d")
         if d is None:  # merged with the heads: "(hd)"
             d = next(s for g, s in zip(groups, shape) if "d" in g) // upd.heads
@@ -95,11 +96,6 @@ class _Rewriter:
             out += f", layout {lay.logical}"
         return out
 
-
-def _groups(logical: str):
-    from ..layout import logical_dims
-
-    return logical_dims(logical)
 
 
 # ---------------------------------------------------------------------------------------------
