@@ -19,7 +19,9 @@ then the same: the tokens that leave the window are forgotten, quantized or not,
 keep their values (a KIVI key group that loses its oldest tokens keeps its scale).
 
 FakeQuantStaticCache is the oracle for StaticCache (a fixed buffer written in place): every token is
-quantized as it is written, and attention reads the buffer, this step's tokens included, quantized.
+quantized as it is written, and attention reads the buffer, this step's tokens included, quantized; where
+the method keeps a full-precision window (kivi, residual_length > 0), the tokens written are kept as a
+growing cache keeps them.
 """
 
 from __future__ import annotations
@@ -158,16 +160,34 @@ def _static_layouts(config: Config, head_dim: int):
 
 
 class FakeQuantStaticLayer(StaticLayer):
-    """A StaticLayer that writes each token quantized-dequantized (per token, as the compiled path's
-    kv_static_write does)."""
+    """A StaticLayer with the compiled path's semantics: each token quantized-dequantized as it is written
+    (per token, as kv_static_write does), or, where the method keeps a full-precision window (kivi,
+    residual_length > 0), the written tokens kept as a growing cache keeps them (`compact` on the tokens
+    written so far, before each write: attention reads a step's tokens before that step's quantization)."""
 
     def __init__(self, config: Config, max_cache_len: int, **kwargs: Any) -> None:
         super().__init__(max_cache_len=max_cache_len, **kwargs)
         self.config = config
+        self.written, self.n_q = 0, {"k": 0, "v": 0}
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
         both = _static_layouts(self.config, key_states.shape[-1])
-        return super().update(*(ref.qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args, **kwargs)
+        if not any(lay.residual for lay in both):
+            return super().update(*(ref.qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args,
+                                  **kwargs)
+        if self.is_initialized:
+            self.written = min(self.written, int(self.cumulative_length))  # (a crop moves the length back)
+            for buf, lay in zip((self.keys, self.values), both):
+                self.n_q[lay.role] = min(self.n_q[lay.role], self.written) // lay.drop_quantum * lay.drop_quantum
+                x, self.n_q[lay.role] = compact(buf[:, :, :self.written], self.n_q[lay.role], lay)
+                buf[:, :, :self.written] = x
+        out = super().update(key_states, value_states, *args, **kwargs)
+        self.written = int(self.cumulative_length)
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.written, self.n_q = 0, {"k": 0, "v": 0}
 
 
 class FakeQuantStaticSlidingLayer(StaticSlidingWindowLayer):

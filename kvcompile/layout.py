@@ -67,6 +67,13 @@ class Layout(NamedTuple):
     def quantized(self) -> bool:
         return self.format != "none"
 
+    @property
+    def overlay(self) -> bool:
+        """A fixed-size buffer that keeps a full-precision window (kivi, or residual_length > 0): its `res`
+        rows are labelled with their token positions (the state's `wpos`) and serve those positions in place
+        of the packed rows (state.py: static states with a window)."""
+        return self.static and self.quantized and self.residual > 0
+
     def n_quantize(self, n_res: SymInt) -> SymInt:
         """How many of the oldest residual tokens to quantize now (after attention has read them)."""
         if not self.quantized:

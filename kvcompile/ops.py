@@ -104,16 +104,40 @@ def grow(p: Packed, capacity, start=0) -> Tuple[Tensor, Tensor, Tensor]:
     return _grow_op(p.codes, p.scale, p.mn, p.layout.key, p.nq, capacity, start)
 
 
-@torch.library.custom_op("kvquant::write_", mutates_args=("codes", "scale", "mn"))
-def _write_op(codes: Tensor, scale: Tensor, mn: Tensor, layout: str, new: Tensor, pos: Tensor) -> None:
-    lay, new = Layout.from_key(layout), new.to(scale.dtype)
-    if use_triton(new):  # quantized by the kernel, scattered to the positions by torch
+def _quantized(x: Tensor, lay: Layout) -> Tuple[Tensor, Tensor, Tensor]:
+    if use_triton(x):
         from .kernels import triton_quantize
 
         _count("triton_quantize_calls")
-        c, s, m = triton_quantize.quantize(new, lay)
-    else:
-        c, s, m = ref.quantize(new, lay)
+        return triton_quantize.quantize(x, lay)
+    return ref.quantize(x, lay)
+
+
+@torch.library.custom_op("kvquant::quantize", mutates_args=())
+def _quantize_op(x: Tensor, layout: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(t.clone() for t in _quantized(x, Layout.from_key(layout)))
+
+
+@_quantize_op.register_fake
+def _(x, layout):
+    lay = Layout.from_key(layout)
+    B, H, N, D = x.shape
+    cw, sw, mw = lay.widths(D)
+    rows = lay.scale_rows(N)
+    return (x.new_empty((B, H, N, cw), dtype=torch.uint8), x.new_empty((B, H, rows, sw)),
+            x.new_empty((B, H, rows, mw)))
+
+
+def quantize(x: Tensor, layout: Layout) -> Tuple[Tensor, Tensor, Tensor]:
+    """x [B, H, N, D] -> (codes, scale, mn) in the layout's format (the Triton quantizer where the kernels
+    run, else the reference; N a multiple of G for keys grouped along tokens)."""
+    return _quantize_op(x, layout.key)
+
+
+@torch.library.custom_op("kvquant::write_", mutates_args=("codes", "scale", "mn"))
+def _write_op(codes: Tensor, scale: Tensor, mn: Tensor, layout: str, new: Tensor, pos: Tensor) -> None:
+    lay, new = Layout.from_key(layout), new.to(scale.dtype)
+    c, s, m = _quantized(new, lay)  # quantized by the kernel where it runs, scattered to the positions by torch
     idx = pos.to(codes.device) + PAD
     codes.index_copy_(2, idx, c)
     scale.index_copy_(2, idx, s)

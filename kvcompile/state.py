@@ -21,6 +21,11 @@ dynamic size like the others (Packed.skip).
 
 A static state (Layout.static: transformers' StaticCache) is a fixed-size buffer: M packed rows, no
 residual, written in place at given positions (kv_static_write); its sizes are not marked dynamic.
+A static state with a full-precision window (Layout.overlay: kivi, or residual_length > 0) also keeps R
+full-precision rows in `res` and their token positions in `wpos` ([B, PAD + R] int64, -1 where a row
+holds nothing): a position a window row holds is read from it, every other from the packed rows. The
+token counts are data there (the positions written), not sizes, so a decode step is one graph whatever
+it flushes; see kv_static_write.
 
 Each inner tensor has PAD (= 2) unused leading rows along dim 2 (layout.PAD). Dynamo
 specializes input sizes 0 and 1 and would compile a new graph each time a residual empties after a
@@ -36,7 +41,7 @@ In-place ops on a state are refused, since they would be lost.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -62,7 +67,7 @@ class KVState(Tensor):
     @staticmethod
     def __new__(cls, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: Layout,
                 outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None,
-                skip: Optional[Tensor] = None) -> "KVState":
+                skip: Optional[Tensor] = None, wpos: Optional[Tensor] = None) -> "KVState":
         if outer_size is None:  # no spare capacity
             B, H, Nr, D = res.shape
             dropped = skip.shape[0] - PAD if skip is not None else 0
@@ -73,13 +78,16 @@ class KVState(Tensor):
 
     def __init__(self, codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: Layout,
                  outer_size: Optional[torch.Size] = None, outer_stride: Optional[tuple] = None,
-                 skip: Optional[Tensor] = None) -> None:
+                 skip: Optional[Tensor] = None, wpos: Optional[Tensor] = None) -> None:
         if layout.window and skip is None:
             skip = codes.new_empty((PAD, 0))
         if not layout.window and skip is not None:
             raise ValueError("kvcompile: only a sliding-window layout has dropped rows (skip)")
         self.codes, self.scale, self.mn, self.res, self.kv_layout = codes, scale, mn, res, layout
-        self.skip = skip
+        if layout.overlay != (wpos is not None):
+            raise ValueError("kvcompile: a static state has window positions (wpos) exactly when its layout keeps a "
+                             "full-precision window (Layout.overlay)")
+        self.skip, self.wpos = skip, wpos
         if layout.static:  # fixed sizes: decode compiles once
             return
         # Token counts grow every step, and batch sizes vary between generations: tell Dynamo up front, so
@@ -95,15 +103,20 @@ class KVState(Tensor):
             torch._dynamo.maybe_mark_dynamic(skip, 0)
 
     def __tensor_flatten__(self):
-        return _NAMES + (("skip",) if self.kv_layout.window else ()), self.kv_layout
+        return _NAMES + (("skip",) if self.kv_layout.window else ()) + (("wpos",) if self.kv_layout.overlay else ()), \
+            self.kv_layout
 
     @staticmethod
     def __tensor_unflatten__(inner: dict, layout: Layout, outer_size, outer_stride) -> "KVState":
         return KVState(inner["codes"], inner["scale"], inner["mn"], inner["res"], layout, outer_size, outer_stride,
-                       inner.get("skip"))
+                       inner.get("skip"), inner.get("wpos"))
 
     def __repr__(self) -> str:  # never dequantizes
         lay = self.kv_layout
+        if lay.overlay:
+            return (f"KVState(method={lay.method!r}, role={lay.role!r}, bits={lay.bits}, shape={tuple(self.shape)}, "
+                    f"dtype={self.dtype}, static buffer, capacity={self.codes.shape[2] - PAD}, "
+                    f"full_precision_window={self.res.shape[2] - PAD}, nbytes={self.packed_nbytes()})")
         return (
             f"KVState(method={lay.method!r}, role={lay.role!r}, bits={lay.bits}, shape={tuple(self.shape)}, "
             f"dtype={self.dtype}, quantized_tokens={self.n_quantized - self.n_skip}, "
@@ -129,16 +142,21 @@ class KVState(Tensor):
         return self.canonical_shape[2] + self.n_skip - (self.res.shape[2] - PAD)
 
     def packed_nbytes(self) -> int:
-        """Bytes the state really holds: codes + scales + minimums (spare rows included) + residual."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.mn, self.res))
+        """Bytes the state really holds: codes + scales + minimums (spare rows included) + residual (+ a static
+        window's positions)."""
+        return sum(t.numel() * t.element_size() for t in _inner(self) if t is not self.skip)
 
     def packed(self) -> Packed:
-        """The inner tensors, layout and counts, as the ops take them."""
+        """The inner tensors, layout and counts, as the ops take them (a static state with a window: all its
+        packed rows, then its window rows, whatever positions they hold: see _overlay_cols)."""
+        if self.kv_layout.overlay:
+            return Packed(self.codes, self.scale, self.mn, self.res, self.kv_layout, self.codes.shape[2] - PAD, 0)
         return Packed(self.codes, self.scale, self.mn, self.res, self.kv_layout, self.n_quantized, self.n_skip)
 
     def dequantize(self) -> Tensor:
         """The full-precision cache, in the model's layout (a new tensor)."""
-        return self.kv_layout.from_canonical(ops.dequantize(self.packed())).contiguous()
+        full = _overlay_full(self) if self.kv_layout.overlay else ops.dequantize(self.packed())
+        return self.kv_layout.from_canonical(full).contiguous()
 
     # -- uncompiled code (transformers' cache methods, a user's inspection) ---------------------------
     # Under Dynamo these defer to torch (the pass rewrites what the graph does with a state); run eagerly,
@@ -175,7 +193,7 @@ class KVState(Tensor):
         skip = _carrier(out[0], self.n_skip) if self.skip is not None else None
         B, H, T, D = self.canonical_shape
         return KVState(*out, self.kv_layout, outer_size=self.kv_layout.logical_shape(out[3].shape[0], H, T, D),
-                       skip=skip)
+                       skip=skip, wpos=fn(self.wpos) if self.wpos is not None else None)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -229,7 +247,8 @@ def _copy_(dst: KVState, src: Any, non_blocking: bool = False) -> Any:
     if isinstance(dst, KVState) and dst.kv_layout.static and isinstance(src, Tensor) \
             and not isinstance(src, KVState) and src.shape == dst.shape:
         pos = torch.arange(dst.canonical_shape[2], device=src.device)
-        return kv_static_write(dst, dst.kv_layout.token_dim, pos, src)
+        kv_static_write(dst, dst.kv_layout.token_dim, pos, src)
+        return dst
     if not (isinstance(dst, KVState) and isinstance(src, KVState) and dst.kv_layout == src.kv_layout
             and all(a.shape == b.shape for a, b in zip(_inner(dst), _inner(src)))):
         return NotImplemented
@@ -243,7 +262,8 @@ def _index_copy_(s: KVState, dim: int, index: Tensor, source: Tensor) -> Any:
     tracing, before the pass rewrites it into kv_static_write)."""
     if not (s.kv_layout.static and dim % s.dim() == s.kv_layout.token_dim and not isinstance(source, KVState)):
         return NotImplemented
-    return kv_static_write(s, dim, index, source)
+    kv_static_write(s, dim, index, source)
+    return s
 
 
 def _zero_(s: KVState) -> Any:
@@ -252,7 +272,7 @@ def _zero_(s: KVState) -> Any:
     if not s.kv_layout.static:
         return NotImplemented
     for t in _inner(s):
-        t.zero_()
+        t.fill_(-1) if t is s.wpos else t.zero_()  # (a window row at position -1 holds nothing)
     return s
 
 
@@ -266,7 +286,8 @@ def _index_put_(s: KVState, indices: list, values: Tensor, accumulate: bool = Fa
     pos = indices[lay.token_dim]
     shape = list(s.shape)
     shape[lay.token_dim] = pos.numel()
-    return kv_static_write(s, lay.token_dim, pos, values.expand(shape))  # (torch drops the value's leading 1s)
+    kv_static_write(s, lay.token_dim, pos, values.expand(shape))  # (torch drops the value's leading 1s)
+    return s
 
 
 def _cat(tensors: list, dim: int = 0) -> Any:
@@ -311,6 +332,8 @@ def _eager_index(s: KVState, idx: Any) -> Optional[KVState]:
         out = _index_select(s, 0, index) if not index.dtype.is_floating_point else NotImplemented
         return None if out is NotImplemented else out
     cut = dims[tdim]
+    if s.kv_layout.overlay:  # (a static buffer with a window: read from a dequantized copy)
+        return None
     if not (isinstance(cut, slice) and cut.step in (None, 1)
             and all(d == _FULL for i, d in enumerate(dims) if i != tdim)):
         return None
@@ -417,7 +440,8 @@ def _refuse_write(what: Any) -> None:
 
 
 def _inner(s: KVState) -> tuple:
-    return (s.codes, s.scale, s.mn, s.res) + ((s.skip,) if s.skip is not None else ())
+    return (s.codes, s.scale, s.mn, s.res) + ((s.skip,) if s.skip is not None else ()) + \
+        ((s.wpos,) if s.wpos is not None else ())
 
 
 _NAMES = ("codes", "scale", "mn", "res")
@@ -522,27 +546,48 @@ def kv_store(full: Tensor, layout: Layout) -> KVState:
 
 def kv_static_empty(buffer: Tensor, layout: Layout) -> KVState:
     """A fixed-size state in place of a zero-filled cache buffer (StaticCache's; the model's layout): M
-    packed rows of zeros (which dequantize to 0, as the buffer held) and no residual."""
+    packed rows of zeros (which dequantize to 0, as the buffer held) and no residual; with a window
+    (Layout.overlay), room for M tokens in whole groups and R empty full-precision rows."""
     B, H, M, D = layout.to_canonical(buffer).shape
     cw, sw, mw = layout.widths(D)
-    return KVState(buffer.new_zeros((B, H, PAD + M, cw), dtype=torch.uint8),
-                   buffer.new_zeros((B, H, PAD + M, sw)), buffer.new_zeros((B, H, PAD + M, mw)),
-                   buffer.new_zeros((B, H, PAD, D)), layout)
+    q = layout.drop_quantum
+    C = -(-M // q) * q
+    rows = PAD + layout.scale_rows(C)
+    codes = buffer.new_zeros((B, H, PAD + C, cw), dtype=torch.uint8)
+    scale, mn = buffer.new_zeros((B, H, rows, sw)), buffer.new_zeros((B, H, rows, mw))
+    if not layout.overlay:
+        return KVState(codes, scale, mn, buffer.new_zeros((B, H, PAD, D)), layout)
+    return KVState(codes, scale, mn, buffer.new_zeros((B, H, PAD + layout.residual, D)), layout,
+                   outer_size=layout.logical_shape(B, H, M, D),
+                   wpos=torch.full((B, PAD + layout.residual), -1, dtype=torch.int64, device=buffer.device))
 
 
 def kv_static_from(buffer: Tensor, layout: Layout) -> KVState:
-    """A fixed-size state holding a full-precision buffer's contents, every token quantized on its own as
-    if it had been written so (a buffer swapped for a state: buffers.py)."""
+    """A fixed-size state holding a full-precision buffer's contents (a buffer swapped for a state:
+    buffers.py), as if they had been written so: every token quantized on its own, or, with a window, the
+    tokens up to the last nonzero one written at once (the method's policy then says which stay full
+    precision)."""
     s = kv_static_empty(buffer, layout)
+    full = layout.to_canonical(buffer)
     M = s.canonical_shape[2]
-    ops.write_(s.packed(), layout.to_canonical(buffer), torch.arange(M, device=buffer.device))
+    if not layout.overlay:
+        ops.write_(s.packed(), full, torch.arange(M, device=buffer.device))
+        return s
+    used = full.ne(0).flatten(3).any(-1).any(1).any(0).nonzero()  # token rows any batch row or head wrote
+    if used.numel():
+        n = int(used.max()) + 1
+        _overlay_write(s, torch.arange(n, device=buffer.device), full[:, :, :n])
     return s
 
 
 def kv_static_write(s: KVState, dim: int, pos: Tensor, new: Tensor) -> KVState:
     """`s.index_copy_(dim, pos, new)` on a fixed-size state (dim: the model's tokens dim; new in the model's
-    layout): the tokens are quantized as they are written (every token on its own: Layout.static needs
-    per-token groups, methods.static_reason)."""
+    layout), in place: the tokens are quantized as they are written (every token on its own), or, with a
+    window (Layout.overlay), join it (_overlay_write). Returns what attention reads this step: `s`, or
+    with a window a view of it whose window rows also hold this step's tokens and those the write moved
+    to the packed rows (attention reads a step's cache before that step's quantization)."""
+    if s.kv_layout.overlay:
+        return _overlay_write(s, pos, s.kv_layout.to_canonical(new))
     ops.write_(s.packed(), s.kv_layout.to_canonical(new), pos)
     return s
 
@@ -550,7 +595,8 @@ def kv_static_write(s: KVState, dim: int, pos: Tensor, new: Tensor) -> KVState:
 def kv_static_setitem(s: KVState, idx: Any, new: Tensor) -> KVState:
     """`s[idx] = new` on a fixed-size state, idx a token index (a tensor of positions, an int, a slice) in the
     tokens dim and whole dims elsewhere, but for a leading batch prefix (`cache[:bsz, start:stop] = x`, the
-    reference Llama's): the tokens are quantized as written, into the first bsz rows."""
+    reference Llama's): the tokens are quantized as written, into the first bsz rows. Returns what
+    attention reads (kv_static_write)."""
     lay = s.kv_layout
     dims = index_dims(idx, s.dim())
     pos = dims[lay.token_dim]
@@ -561,6 +607,8 @@ def kv_static_setitem(s: KVState, idx: Any, new: Tensor) -> KVState:
         pos = torch.arange(pos, pos + 1, device=new.device)
     pos = pos.to(new.device).reshape(-1)
     new = lay.to_canonical(new)
+    if lay.overlay:
+        return _overlay_write(s, pos, new)
     p = s.packed()
     batch = dims[0] if lay.groups[0] == "b" else _FULL
     if batch != _FULL:
@@ -578,7 +626,133 @@ def kv_prefix(s: KVState, batch: Any = None, tokens: Any = None) -> KVState:
     b = B if batch is None else torch.sym_min(batch, B)
     t = M if tokens is None else torch.sym_min(tokens, M)
     inner = [x[:b] if batch is not None else x for x in (s.codes, s.scale, s.mn, s.res)]
-    return KVState(*inner, s.kv_layout, outer_size=s.kv_layout.logical_shape(b, H, t, D))
+    wpos = None if s.wpos is None else s.wpos[:b] if batch is not None else s.wpos
+    return KVState(*inner, s.kv_layout, outer_size=s.kv_layout.logical_shape(b, H, t, D), wpos=wpos)
+
+
+# -- a static state with a full-precision window (Layout.overlay) ---------------------------------------
+# Its `res` rows hold the tokens the method keeps in full precision, each at the token position `wpos`
+# says; reads take those positions from them and every other from the packed rows. A write joins the new
+# tokens to the window rows, moves the rows the method quantizes now into the packed rows (kivi's keys in
+# whole groups), and keeps the rest, a position p in row p mod R (the window holds at most R consecutive
+# positions). No branch depends on the counts: a decode step is one graph whatever it flushes.
+
+
+def _overlay_write(s: KVState, pos: Tensor, new: Tensor) -> KVState:
+    """Write tokens new [b, H, L, D] (b <= B: a batch prefix) at positions pos [L] of a static state with a
+    window, in place; returns the view attention reads (kv_static_write). Positions are written as
+    appends (StaticCache, a decode loop): a write at p makes the window forget what it held at p and after."""
+    lay = s.kv_layout
+    B, H, _, D = s.canonical_shape
+    b, L = new.shape[0], new.shape[2]
+    pos = pos.to(s.wpos.device, torch.int64).reshape(1, L).expand(B, L)
+    if b < B:  # the other batch rows get no tokens
+        new = torch.cat([new, new.new_zeros((B - b, *new.shape[1:]))])
+        pos = torch.where(torch.arange(B, device=pos.device)[:, None] < b, pos, -1)
+    ring, wpos = s.res, s.wpos
+    W = ring.shape[2] - PAD
+    first = torch.where(pos >= 0, pos, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
+    rpos = wpos[:, PAD:]
+    rpos = torch.where(rpos < first, rpos, -1)
+    stage = torch.cat([ring[:, :, PAD:], new.to(ring.dtype)], dim=2)  # [B, H, W + L, D]
+    spos = torch.cat([rpos, pos], dim=1)  # [B, W + L]
+    nq = lay.n_quantize(spos.amax(1) + 1)  # [B]: tokens [0, nq) are packed after this write
+    _flush(s, stage, spos, nq)
+    keep = spos >= nq[:, None]
+    slot = torch.where(keep, spos % W, -1) + PAD  # (-1: a pad row, never read)
+    ring.scatter_(2, slot[:, None, :, None].expand(B, H, W + L, D), stage)
+    wpos.copy_(torch.full_like(wpos, -1).scatter_(1, slot, torch.where(keep, spos, -1)))
+    return KVState(s.codes, s.scale, s.mn, ref.pad(stage), lay, outer_size=s.shape,
+                   wpos=torch.cat([spos.new_full((B, PAD), -1), spos], dim=1))
+
+
+def _flush(s: KVState, stage: Tensor, spos: Tensor, nq: Tensor) -> None:
+    """Quantize the window rows stage [B, H, N, D] at positions spos [B, N] that the packed rows take now
+    (spos < nq), into them, in place: per-token formats row by row; kivi's keys in whole groups of G
+    consecutive positions (gathered by position first: a group leaves the window whole, as on a growing
+    cache). Rows that do not leave are written to a pad row (never read)."""
+    lay = s.kv_layout
+    B, H, N, D = stage.shape
+    leave = (spos >= 0) & (spos < nq[:, None])
+    q = lay.drop_quantum
+    if q == 1:
+        tok = grp = torch.where(leave, spos, -1) + PAD
+        codes, scale, mn = ops.quantize(stage, lay)
+    else:
+        n = (N // q + 2) * q  # whole groups covering N consecutive positions from a group's start
+        lo = torch.where(leave, spos, s.codes.shape[2]).amin(1) // q * q  # [B]
+        rel = torch.where(leave, spos - lo[:, None], n)
+        rel = torch.where(rel < n, rel, n)
+        dense = stage.new_zeros((B, H, n + 1, D)).scatter_(2, rel[:, None, :, None].expand(B, H, N, D), stage)
+        whole = torch.zeros((B, n + 1), device=stage.device).scatter_(1, rel, 1.0)[:, :n].view(B, n // q, q)
+        whole = whole.bool().all(-1)  # [B, groups]: every position of the group leaves now
+        codes, scale, mn = ops.quantize(dense[:, :, :n], lay)
+        start = lo[:, None] + torch.arange(0, n, q, device=stage.device)
+        grp = torch.where(whole, start // q, -1) + PAD
+        tok = torch.where(whole.repeat_interleave(q, 1), lo[:, None] + torch.arange(n, device=stage.device), -1) + PAD
+    for dst, src, idx in ((s.codes, codes, tok), (s.scale, scale, grp), (s.mn, mn, grp)):
+        dst.scatter_(2, idx[:, None, :, None].expand(*src.shape), src.to(dst.dtype))
+
+
+def _overlay_cols(s: KVState) -> Tuple[int, Tensor]:
+    """(C, cols): the packed rows of a static state with a window, and the position each window row serves
+    ([B, R]; C, a spare column, where a row holds nothing). The ops read the C packed rows, then the window
+    rows (KVState.packed); a read moves the window's columns to their positions."""
+    C = s.codes.shape[2] - PAD
+    wp = s.wpos[:, PAD:]
+    return C, torch.where(wp >= 0, wp, C)
+
+
+def _overlay_full(s: KVState) -> Tensor:
+    """The dequantized cache [B, H, M, D] of a static state with a window."""
+    B, H, M, D = s.canonical_shape
+    C, cols = _overlay_cols(s)
+    p = s.packed()
+    x = ops.dequantize(p._replace(res=p.res[:, :, :PAD]))
+    x = torch.cat([x, x.new_zeros((B, H, 1, D))], dim=2)
+    return x.scatter(2, cols[:, None, :, None].expand(B, H, -1, D), ref.unpad(s.res).to(x.dtype))[:, :, :M]
+
+
+def _scores(x: Tensor, s: KVState) -> Tensor:
+    """x [B, Hq, L, D] @ K^T over a state -> [B, Hq, L, T] (kvquant::qk; a window's columns moved to their
+    positions)."""
+    out = ops.qk(x, s.packed())
+    if not s.kv_layout.overlay:
+        return out
+    C, cols = _overlay_cols(s)
+    B, Hq, L, _ = out.shape
+    at = cols[:, None, None, :].expand(B, Hq, L, cols.shape[1])
+    packed = torch.cat([out[..., :C], out.new_zeros((B, Hq, L, 1))], dim=-1)
+    return packed.scatter(-1, at, out[..., C:])[..., :s.canonical_shape[2]]
+
+
+def _weighted(p: Tensor, s: KVState) -> Tensor:
+    """probs [B, Hq, L, T] @ V over a state -> [B, Hq, L, Dv] (kvquant::pv; a window's positions' weights
+    moved to its rows)."""
+    if not s.kv_layout.overlay:
+        return ops.pv(p, s.packed())
+    C, cols = _overlay_cols(s)
+    B, Hq, L, T = p.shape
+    at = cols[:, None, None, :].expand(B, Hq, L, cols.shape[1])
+    p = torch.cat([p, p.new_zeros((B, Hq, L, C + 1 - T))], dim=-1)
+    window = p.gather(-1, at)
+    return ops.pv(torch.cat([p.scatter(-1, at, 0.0)[..., :C], window], dim=-1), s.packed())
+
+
+def _overlay_sdpa(q: Tensor, k: KVState, v: KVState, attn_mask: Optional[Tensor], dropout_p: float,
+                  is_causal: bool, scale: Optional[float]) -> Tensor:
+    """SDPA over static states with a window, as its two matmuls (kvquant::qk and ::pv over the packed rows
+    and the window; keys and values keep different windows, so one fused op over both cannot serve them)."""
+    w = _scores(q, k).float() * (q.shape[-1] ** -0.5 if scale is None else scale)
+    L, T = w.shape[-2:]
+    if is_causal:
+        w = w.masked_fill(~torch.ones(L, T, dtype=torch.bool, device=w.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        w = w.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else w + attn_mask
+    w = torch.softmax(w, dim=-1)
+    if dropout_p:
+        w = torch.nn.functional.dropout(w, dropout_p)
+    return _weighted(w.to(q.dtype), v)
 
 
 def kv_append(past: KVState, new: Tensor) -> KVState:
@@ -594,6 +768,8 @@ def kv_sdpa(query: Tensor, key: KVState, value: KVState, attn_mask: Optional[Ten
             dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
             enable_gqa: bool = False) -> Tensor:
     """Drop-in for F.scaled_dot_product_attention over states (GQA whatever enable_gqa says)."""
+    if key.kv_layout.overlay or value.kv_layout.overlay:
+        return _overlay_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
     return ops.attention(query, key.packed(), value.packed(), attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
@@ -601,19 +777,19 @@ def kv_qk(query: Tensor, key: KVState, x_perm: tuple = (), out_perm: tuple = ())
     """Drop-in for attention's scores `query @ K^T` over a state: `query` [..., L, D] with its leading dims
     running (batch, heads) as the cache's (GQA: query heads repeating each KV head) -> [..., L, T].
     x_perm / out_perm: an einsum's operand and output orders (match.Read)."""
-    return _read(ops.qk, query, key, x_perm, out_perm)
+    return _read(_scores, query, key, x_perm, out_perm)
 
 
 def kv_pv(probs: Tensor, value: KVState, x_perm: tuple = (), out_perm: tuple = ()) -> Tensor:
     """Drop-in for attention's output `probs @ V` over a state: probs [..., L, T] -> [..., L, Dv]."""
-    return _read(ops.pv, probs, value, x_perm, out_perm)
+    return _read(_weighted, probs, value, x_perm, out_perm)
 
 
 def _read(op, x: Tensor, s: KVState, x_perm: tuple, out_perm: tuple) -> Tensor:
     if x_perm:
         x = x.permute(x_perm)
     lead, L = x.shape[:-2], x.shape[-2]
-    out = op(x.reshape(s.res.shape[0], -1, L, x.shape[-1]), s.packed())  # [B, Hq, L, X]: the ops' layout
+    out = op(x.reshape(s.res.shape[0], -1, L, x.shape[-1]), s)  # [B, Hq, L, X]: the ops' layout
     out = out.reshape(*lead, L, out.shape[-1])
     return out.permute(out_perm) if out_perm else out
 

@@ -1,7 +1,8 @@
 """Fixed-size caches written in place: transformers' StaticCache (`index_copy_` at cache_position,
 the setup transformers recommends with torch.compile) is stored quantized for methods that quantize
 each token on its own, and so are buffers created outside the compiled code (swapped for states after
-their first call: buffers.py); what cannot be (kivi's key groups) runs in full precision with a warning."""
+their first call: buffers.py); kivi and residual_length > 0 keep a full-precision window of R tokens beside
+the packed rows (Layout.overlay)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from helpers import max_abs_diff
 import kvcompile
 from kvcompile import Config, KVQuantWarning, KVState
 from kvcompile.fakequant import FakeQuantStaticCache
+from kvcompile.layout import PAD
 from models import decode, tiny
 
 METHODS = [dict(method="int8"), dict(method="fp8"), dict(method="nqkv", bits=4, block_size=8),
@@ -95,11 +97,64 @@ def _static_generate(options, expect=contextlib.nullcontext()):
     return want, got
 
 
-def test_kivi_static_cache_is_left_alone_with_the_reason():
-    want, got = _static_generate(dict(compiler="eager"),
-                                 pytest.warns(KVQuantWarning, match="groups of 32 tokens along the sequence"))
-    assert torch.equal(got, want)
-    assert counters["kvquant"]["cache_updates_quantized"] == 0
+WINDOWED = [dict(method="kivi", bits=2, group_size=4, residual_length=8),
+            dict(method="kivi", bits=4, group_size=8, residual_length=8),
+            dict(method="int8", residual_length=3), dict(method="nqkv", bits=4, block_size=8, residual_length=2)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("opts", WINDOWED, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_static_cache_with_a_full_precision_window(opts, attn):
+    """kivi (and residual_length > 0) on a StaticCache: each buffer a fixed-size state of packed rows plus R
+    full-precision rows, one prefill and one decode graph over 24 decode steps (several key groups flush),
+    the logits those of FakeQuantStaticCache (a growing cache's semantics on the tokens written), and the
+    bytes held the packed size of M tokens plus R full-precision ones (and their positions)."""
+    from transformers import StaticCache
+
+    model = tiny("llama", attn, head_dim=16)
+    ids = torch.randint(0, 64, (2, 34), generator=torch.Generator().manual_seed(0))
+    kvcompile.reset()
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="kvquant", options=dict(opts, compiler="eager"))
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KVQuantWarning)
+        got = decode(f, ids, 10, cache)
+    reports = kvcompile.reports()
+    want = decode(model, ids, 10, FakeQuantStaticCache(Config(**opts), model.config, max_cache_len=40))
+    fp = decode(model, ids, 10, StaticCache(config=model.config, max_cache_len=40))
+    assert len(reports) == 2 and [len(r.quantized) for r in reports] == [4, 4], [str(r) for r in reports]
+    assert all("fused attention" in e.status for e in reports[1].entries), kvcompile.explain()
+    err, quant = max_abs_diff(got, want), max_abs_diff(got, fp)
+    assert err < 1e-5 and quant > 1e3 * err, (err, quant)
+    R = opts["residual_length"]
+    for t in kvcompile.cache_tensors(cache):
+        assert isinstance(t, KVState) and t.kv_layout.overlay and t.shape == (2, 2, 40, 16)
+        cw, sw, mw = t.kv_layout.widths(16)
+        rows = t.kv_layout.scale_rows(40)
+        packed = 2 * 2 * ((PAD + 40) * cw + (PAD + rows) * (sw + mw) * 4)
+        window = 2 * 2 * (PAD + R) * 16 * 4 + 2 * (PAD + R) * 8
+        assert kvcompile.nbytes(t) == packed + window, (kvcompile.nbytes(t), packed, window)
+
+
+def test_kivi_static_generate():
+    """generate(cache_implementation="static") with kivi: the tokens FakeQuantStaticCache gives, decode
+    compiled once, nothing left alone."""
+    opts = dict(method="kivi", bits=2, group_size=4, residual_length=4)
+    model = tiny("llama")
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        fp = model.generate(ids, cache_implementation="static", **kw)
+        M = fp.past_key_values.layers[0].keys.shape[2]
+        want = model.generate(ids, past_key_values=FakeQuantStaticCache(Config(**opts), model.config, M), **kw)
+        kvcompile.reset()
+        torch._dynamo.reset()
+        model.compile(backend="kvquant", options=dict(opts, compiler="eager"))
+        got = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert len(kvcompile.reports()) == 2 and counters["kvquant"]["cache_updates_left_alone"] == 0
+    assert all(isinstance(t, KVState) and t.kv_layout.overlay for t in kvcompile.cache_tensors(got.past_key_values))
 
 
 def test_static_buffer_from_an_uncompiled_prefill_is_swapped():

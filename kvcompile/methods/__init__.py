@@ -36,15 +36,12 @@ def layouts(config: "Config", head_dim: int) -> Tuple[Layout, Layout]:
 
 def static_reason(config: "Config", both: Tuple[Layout, Layout]) -> Optional[str]:
     """Why a fixed-size cache buffer written in place (StaticCache) cannot be stored with these options,
-    or None: only methods that quantize each token on its own, as it is written, fit."""
+    or None. Per-token formats without a window quantize each token as it is written; a layout with a
+    full-precision window (kivi, residual_length > 0) keeps it beside the packed rows (Layout.overlay)."""
     for lay in both:
         if not lay.quantized:
             return f"method {config.method!r} stores nothing quantized"
-        if lay.axis != CHANNEL_AXIS:
-            return (f"method {config.method!r} quantizes the keys in groups of {lay.group} tokens along the sequence, "
-                    f"which needs a full-precision window that a fixed buffer written in place cannot keep "
-                    f"(nqkv, int8 and fp8 with residual_length=0 quantize each token as it is written)")
-        if lay.residual:
-            return (f"residual_length={lay.residual}: a fixed buffer written in place keeps no full-precision "
-                    f"window (use residual_length=0)")
+        if lay.axis != CHANNEL_AXIS and not lay.residual:
+            return (f"method {config.method!r} quantizes the keys in groups of {lay.group} tokens along the sequence "
+                    f"with no full-precision window to gather them in")
     return None

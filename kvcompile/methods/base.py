@@ -47,6 +47,8 @@ class Format:
 def keep_newest(layout: Layout, n_res: SymInt) -> SymInt:
     """The policy of the per-token methods (and of kivi's values): every residual token older than the
     newest R leaves (all of them if R = 0)."""
+    if isinstance(n_res, torch.Tensor):  # a static buffer's counts are data (state.kv_static_write)
+        return (n_res - layout.residual).clamp(min=0)
     return torch.sym_max(n_res - layout.residual, 0)
 
 

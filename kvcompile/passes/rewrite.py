@@ -15,8 +15,7 @@ growing, decode (the past is a KVState graph input):
 sliding: as growing, but the graph returns `cat[..., start:, ...]`: prefill stores that slice; decode
 returns `kv_compact(kv_window(s1, start))`, the order of transformers' own layer.
 
-static (a fixed-size buffer written in place at token positions), for methods that quantize each token on
-its own (methods.static_reason):
+static (a fixed-size buffer written in place at token positions; methods.static_reason):
     zeros buffer made in the graph -> kv_static_empty(buffer): a state of the same fixed size (StaticCache's
                                     lazy init, prefill)
     a plain graph input buffer     -> nothing in this graph: report.swaps, and buffers.py replaces the buffer
@@ -25,6 +24,8 @@ its own (methods.static_reason):
                                     buf[idx] = new -> kv_static_setitem(buf, idx, new) (quantized as written);
                                     attention over buf, or over a prefix buf[:bsz, :n] -> as growing's reads,
                                     over kv_prefix(buf, bsz, n) (match.Read.prefix)
+    with a full-precision window (Layout.overlay: kivi, residual_length > 0), the reads after the write read
+    its result instead: a view whose window also holds this step's tokens (state.kv_static_write)
 """
 
 from __future__ import annotations
@@ -161,15 +162,26 @@ def _static(rw: _Rewriter, upd: CacheUpdate) -> None:
     how, at = upd.write_at
     with graph.inserting_before(upd.write):
         if how == "positions":  # index_copy_, index_put_
-            graph.call_function(kv_static_write, (target, upd.axis, at, upd.new))
+            wrote = graph.call_function(kv_static_write, (target, upd.axis, at, upd.new))
         else:
-            graph.call_function(kv_static_setitem, (target, at, upd.new))
+            wrote = graph.call_function(kv_static_setitem, (target, at, upd.new))
     graph.erase_node(upd.write)
+    read = wrote if lay.overlay else target  # a window: the step reads the write's view (kv_static_write)
     if upd.past is None:
-        rw.entry(upd, f"quantized (prefill: static buffer, tokens quantized as written{rw.where(upd, lay)})")
+        if lay.overlay:  # the prefill's reads, dequantized
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            for u in list(target.users):
+                if u is not rw.output and u is not wrote and order[u] > order[wrote]:
+                    u.replace_input_with(target, wrote)
+        rw.entry(upd, f"quantized (prefill: static buffer, tokens quantized as written{_window(lay)}"
+                      f"{rw.where(upd, lay)})")
         return
-    rw.states[upd.cache] = upd.cache
-    rw.entry(upd, f"quantized (decode: static buffer, {_routes(upd)}{rw.where(upd, lay)})")
+    rw.states[upd.cache] = read
+    rw.entry(upd, f"quantized (decode: static buffer{_window(lay)}, {_routes(upd)}{rw.where(upd, lay)})")
+
+
+def _window(lay) -> str:
+    return f", a full-precision window of {lay.residual} tokens" if lay.overlay else ""
 
 
 _REWRITES = {"growing": _growing, "sliding": _growing, "fresh": _fresh, "static": _static}
@@ -225,6 +237,9 @@ def _rewrite_reads(rw: _Rewriter, updates: List[CacheUpdate]) -> None:
         # state is its cache node)
         users = [u for u in upd.cache.users if u is not rw.output and u not in upd.size_uses
                  and u is not upd.returned and u.target not in ours]
+        if state is not upd.cache:  # a static view (a write's result): what comes before it reads the state
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            users = [u for u in users if order[u] > order[state]]
         if users:
             order = {n: i for i, n in enumerate(graph.nodes)}
             with graph.inserting_before(min(users, key=order.__getitem__)):
