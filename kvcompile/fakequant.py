@@ -201,6 +201,12 @@ class FakeQuantStaticSlidingLayer(StaticSlidingWindowLayer):
         super().__init__(max_cache_len=max_cache_len, sliding_window=sliding_window, **kwargs)
         self.config = config
         self.quantized: Optional[bool] = None
+        self.pending: Optional[Tuple[int, bool]] = None  # (tokens written, rewritten whole) to keep next update
+        self.n_q = {"k": 0, "v": 0}
+
+    def reset(self) -> None:
+        super().reset()
+        self.quantized, self.pending, self.n_q = None, None, {"k": 0, "v": 0}
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
         current = self.cumulative_length_int if self.is_initialized else 0
@@ -210,6 +216,16 @@ class FakeQuantStaticSlidingLayer(StaticSlidingWindowLayer):
         if not self.quantized:
             return super().update(key_states, value_states, *args, **kwargs)
         both = _static_layouts(self.config, key_states.shape[-1])
+        if any(lay.residual for lay in both):  # a full-precision window: as FakeQuantStaticLayer, and a buffer
+            # rewritten whole is kept as if all its tokens had been written at once
+            if self.pending is not None:
+                written, whole = self.pending
+                for buf, lay in zip((self.keys, self.values), both):
+                    x, self.n_q[lay.role] = compact(buf[:, :, :written], 0 if whole else self.n_q[lay.role], lay)
+                    buf[:, :, :written] = x
+            out = super().update(key_states, value_states, *args, **kwargs)
+            self.pending = (min(current + key_states.shape[-2], self.max_cache_len), not by_index)
+            return out
         if by_index:
             return super().update(*(ref.qdq(x, lay) for x, lay in zip((key_states, value_states), both)), *args, **kwargs)
         out = super().update(key_states, value_states, *args, **kwargs)

@@ -246,8 +246,7 @@ def _copy_(dst: KVState, src: Any, non_blocking: bool = False) -> Any:
     buffer so): every token quantized again, as written."""
     if isinstance(dst, KVState) and dst.kv_layout.static and isinstance(src, Tensor) \
             and not isinstance(src, KVState) and src.shape == dst.shape:
-        pos = torch.arange(dst.canonical_shape[2], device=src.device)
-        kv_static_write(dst, dst.kv_layout.token_dim, pos, src)
+        kv_static_copy(dst, src)
         return dst
     if not (isinstance(dst, KVState) and isinstance(src, KVState) and dst.kv_layout == src.kv_layout
             and all(a.shape == b.shape for a, b in zip(_inner(dst), _inner(src)))):
@@ -590,6 +589,12 @@ def kv_static_write(s: KVState, dim: int, pos: Tensor, new: Tensor) -> KVState:
         return _overlay_write(s, pos, s.kv_layout.to_canonical(new))
     ops.write_(s.packed(), s.kv_layout.to_canonical(new), pos)
     return s
+
+
+def kv_static_copy(s: KVState, src: Tensor) -> KVState:
+    """`s.copy_(src)` on a fixed-size state from a full-precision tensor of its shape (StaticSlidingWindowLayer
+    rolls its buffer so): every token written again (kv_static_write), all at once."""
+    return kv_static_write(s, s.kv_layout.token_dim, torch.arange(s.canonical_shape[2], device=src.device), src)
 
 
 def kv_static_setitem(s: KVState, idx: Any, new: Tensor) -> KVState:

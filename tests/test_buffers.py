@@ -24,7 +24,9 @@ from kvcompile.layout import PAD
 from decoders import BUFFERS, Decoder, Idiom, run
 
 OPTIONS = {"none": dict(method="none"), "int8": dict(method="int8"), "nqkv": dict(method="nqkv", bits=4),
-           "nqkv-h": dict(method="nqkv", bits=3, hadamard=True)}
+           "nqkv-h": dict(method="nqkv", bits=3, hadamard=True),
+           "kivi": dict(method="kivi", bits=2, group_size=4, residual_length=4),
+           "int8-r": dict(method="int8", residual_length=2)}
 
 
 def buffers_of(model: Decoder, past) -> list:
@@ -56,6 +58,30 @@ def reference(idiom: Idiom, ids: torch.Tensor, prefill: int, options: dict) -> l
     return out
 
 
+def reference_window(idiom: Idiom, ids: torch.Tensor, prefill: int, options: dict) -> list:
+    """The eager semantics with a full-precision window (kivi, residual_length > 0): the first call writes full
+    precision; after each call the tokens written so far are kept as a growing cache keeps them (FakeQuantStream
+    over the buffer's first tokens: attention read them before this step's quantization)."""
+    from kvcompile.layout import Layout
+
+    model = Decoder(idiom).eval()
+    config = Config(**options)
+    streams = {}
+    out = []
+    with torch.no_grad():
+        past = model.buffers(ids.shape[0]) if idiom.cache == "argument" else None
+        for s, e in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+            logits, past = model(ids[:, s:e], past, s)
+            out.append(logits)
+            for i, (b, role) in enumerate(zip(buffers_of(model, past), "kv" * len(model.blocks))):
+                logical = idiom.logical(role)
+                d = Layout("", role, "none", 16, 1, 0, 0, logical=logical, heads=idiom.kv_heads).token_dim
+                stream = streams.setdefault(i, FakeQuantStream(config, role, logical, idiom.kv_heads))
+                written = b.narrow(d, 0, e)
+                written.copy_(stream(written))
+    return out
+
+
 def check(idiom: Idiom, method: str, steps: int = 10, prefill: int = 5, batch: int = 2) -> Decoder:
     options = OPTIONS[method]
     ids = torch.randint(0, 64, (batch, prefill + steps), generator=torch.Generator().manual_seed(2))
@@ -76,7 +102,8 @@ def check(idiom: Idiom, method: str, steps: int = 10, prefill: int = 5, batch: i
     reports = kvcompile.reports()
     assert all(len(r.quantized) == 2 * len(model.blocks) for r in reports), kvcompile.explain()
     assert all("fused attention" in e.status for e in reports[-1].entries), kvcompile.explain()
-    want = reference(idiom, ids, prefill, options)
+    window = Config(**options).residual_length > 0
+    want = (reference_window if window else reference)(idiom, ids, prefill, options)
     err, quant = max_abs_diff(got, want), max_abs_diff(got, fp)
     assert err < 1e-5 and quant > 100 * max(err, 1e-7), (err, quant)
     return model
@@ -95,7 +122,7 @@ FORMS = [  # (cache owner, write, read, layout): every form of the issue, each w
 
 
 @pytest.mark.parametrize("form", FORMS, ids=["-".join(f) for f in FORMS])
-@pytest.mark.parametrize("method", ["none", "int8", "nqkv"])
+@pytest.mark.parametrize("method", ["none", "int8", "nqkv", "kivi"])
 def test_buffer_forms(form, method):
     cache, write, read, layout = form
     check(Idiom(cache=cache, write=write, read=read, layout=layout), method)
@@ -117,9 +144,10 @@ def test_a_batch_of_one():
     check(Idiom(cache="argument", write="index", read="whole"), "int8", batch=1)
 
 
-def test_batch_smaller_than_the_buffers():
+@pytest.mark.parametrize("method", ["int8", "kivi"])
+def test_batch_smaller_than_the_buffers(method):
     """The reference Llama's max_batch_size: a batch of 1 in buffers of 2 rows (`cache_k[:bsz]`)."""
-    check(Idiom(cache="attribute", write="slice", read="prefix", layout="bthd"), "int8", batch=1)
+    check(Idiom(cache="attribute", write="slice", read="prefix", layout="bthd"), method, batch=1)
 
 
 def test_a_second_instance_of_the_model_is_swapped_too():
@@ -159,30 +187,33 @@ def test_eager_use_of_a_swapped_buffer():
     assert not buf.dequantize().any()
 
 
-def test_a_generation_of_300_tokens_compiles_a_bounded_number_of_graphs():
+@pytest.mark.parametrize("method", ["int8", "kivi"])
+def test_a_generation_of_300_tokens_compiles_a_bounded_number_of_graphs(method):
     idiom = Idiom(cache="attribute", write="slice", read="prefix", layout="bthd", max_len=320)
     model = Decoder(idiom, layers=1).eval()
     ids = torch.randint(0, 64, (1, 308), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     kvcompile.reset()
-    run(torch.compile(model, backend="kvquant", options=dict(method="int8", compiler="eager")), ids, 8)
+    run(torch.compile(model, backend="kvquant", options=dict(OPTIONS[method], compiler="eager")), ids, 8)
     assert isinstance(model.blocks[0].cache_k, KVState)
     assert len(kvcompile.reports()) <= 4, kvcompile.explain()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", [("attribute", "slice", "prefix", "bthd", 1), ("buffer", "index", "whole", "bhtd", 2)])
+@pytest.mark.parametrize("form", [("attribute", "slice", "prefix", "bthd", 1, "int8"),
+                                  ("buffer", "index", "whole", "bhtd", 2, "int8"),
+                                  ("attribute", "slice", "prefix", "bthd", 2, "kivi")])
 def test_buffers_under_inductor(form):
     """The swapped states through AOTAutograd and Inductor (writes into a batch prefix of the packed rows
     included): the same logits as the eager compiler's run, to float rounding."""
-    cache, write, read, layout, batch = form
+    cache, write, read, layout, batch, method = form
     idiom = Idiom(cache=cache, write=write, read=read, layout=layout, attention="matmul")
     ids = torch.randint(0, 64, (batch, 14), generator=torch.Generator().manual_seed(1))
     out = {}
     for compiler in ("inductor", "eager"):
         model = Decoder(idiom).eval()
         torch._dynamo.reset()
-        out[compiler], past = run(torch.compile(model, backend="kvquant", options=dict(method="int8", compiler=compiler)),
+        out[compiler], past = run(torch.compile(model, backend="kvquant", options=dict(OPTIONS[method], compiler=compiler)),
                                   ids, 6)
         assert all(isinstance(b, KVState) for b in buffers_of(model, past))
     assert max_abs_diff(out["inductor"], out["eager"]) < 1e-4
@@ -196,7 +227,7 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 idiom = Idiom(cache="buffer", write="index", read="whole", heads=8, kv_heads=8, head_dim=64, max_len=4096, repeat="none")
 model = Decoder(idiom, layers=2, max_batch=4).eval()
-compiled = torch.compile(model, backend="kvquant", options=dict(method=sys.argv[1], compiler="eager"))
+compiled = torch.compile(model, backend="kvquant", options=dict(json.loads(sys.argv[1]), compiler="eager"))
 ids = torch.randint(0, 64, (4, 8))
 with torch.no_grad():
     compiled(ids, None, 0)
@@ -210,16 +241,18 @@ print(json.dumps(dict(rss=rss(), held=sum(kvcompile.nbytes(t) for b in model.blo
 @pytest.mark.slow
 def test_the_full_precision_buffers_are_freed():
     """Resident memory of a process whose cache dominates (2 layers x 4 x 8 heads x 4096 x 64 fp32: 134 MB),
-    after the swap, against the same process with method none: lower by the bytes the formula says."""
+    after the swap, against the same process with method none: lower by the bytes the formula says (int8;
+    kivi-2, whose 128 full-precision tokens stay)."""
     examples = os.path.join(os.path.dirname(__file__), "..", "examples")
     got = {}
-    for method in ("none", "int8"):
-        out = subprocess.run([sys.executable, "-c", _MEMORY, method, examples], capture_output=True, text=True,
-                             check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        got[method] = json.loads(out.stdout.strip().splitlines()[-1])
-    saved = got["none"]["held"] - got["int8"]["held"]
-    assert saved > 90e6
-    assert got["none"]["rss"] - got["int8"]["rss"] > 0.8 * saved, got
+    for name, opts in {"none": dict(method="none"), "int8": dict(method="int8"), "kivi": dict(method="kivi")}.items():
+        out = subprocess.run([sys.executable, "-c", _MEMORY, json.dumps(opts), examples], capture_output=True,
+                             text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        got[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("int8", "kivi"):
+        saved = got["none"]["held"] - got[name]["held"]
+        assert saved > 90e6
+        assert got["none"]["rss"] - got[name]["rss"] > 0.8 * saved, got
 
 
 class ReferenceLlamaAttention(torch.nn.Module):

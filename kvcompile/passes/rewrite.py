@@ -40,8 +40,8 @@ from ..config import Config
 from ..layout import logical_dims
 from ..methods import layouts, static_reason
 from ..report import Entry, GraphReport, KVQuantWarning, log, new_report
-from ..state import (KVState, kv_append, kv_compact, kv_full, kv_prefix, kv_pv, kv_qk, kv_sdpa, kv_static_empty,
-                     kv_static_setitem, kv_static_write, kv_store, kv_window)
+from ..state import (KVState, kv_append, kv_compact, kv_full, kv_prefix, kv_pv, kv_qk, kv_sdpa, kv_static_copy,
+                     kv_static_empty, kv_static_setitem, kv_static_write, kv_store, kv_window)
 from .match import (CacheUpdate, Read, count_attention_ops, find_cache_updates, find_static_updates, fold_aliases,
                     sdpa_args, static_rewrites, val)
 
@@ -169,10 +169,7 @@ def _static(rw: _Rewriter, upd: CacheUpdate) -> None:
     read = wrote if lay.overlay else target  # a window: the step reads the write's view (kv_static_write)
     if upd.past is None:
         if lay.overlay:  # the prefill's reads, dequantized
-            order = {n: i for i, n in enumerate(graph.nodes)}
-            for u in list(target.users):
-                if u is not rw.output and u is not wrote and order[u] > order[wrote]:
-                    u.replace_input_with(target, wrote)
+            _read_after(graph, target, wrote)
         rw.entry(upd, f"quantized (prefill: static buffer, tokens quantized as written{_window(lay)}"
                       f"{rw.where(upd, lay)})")
         return
@@ -250,6 +247,26 @@ def _rewrite_reads(rw: _Rewriter, updates: List[CacheUpdate]) -> None:
             graph.erase_node(upd.cache)
 
 
+def _rewrite_whole(graph: fx.Graph, node: fx.Node) -> str:
+    """`state.copy_(x)` -> kv_static_copy(state, x), and what reads the state after it reads its result (with a
+    full-precision window, the view holding x: kv_static_write). Returns the state's name."""
+    state, src = node.args[:2]
+    with graph.inserting_before(node):
+        wrote = graph.call_function(kv_static_copy, (state, src))
+    node.replace_all_uses_with(wrote)
+    graph.erase_node(node)
+    _read_after(graph, state, wrote)
+    return state.name
+
+
+def _read_after(graph: fx.Graph, state: fx.Node, wrote: fx.Node) -> None:
+    """What uses `state` after the write `wrote` (but the graph's output: the state itself) uses `wrote`."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for u in list(state.users):
+        if u.op != "output" and u is not wrote and order[u] > order[wrote]:
+            u.replace_input_with(state, wrote)
+
+
 def _clean(graph: fx.Graph, start: fx.Node) -> None:
     """Erase what the fused reads left dead between the cache and them (repeat_kv, transposes)."""
     order, todo = [], [start]
@@ -261,7 +278,8 @@ def _clean(graph: fx.Graph, start: fx.Node) -> None:
                 todo.append(u)
     for n in reversed(order):
         if not n.users and n.graph is graph and n.op != "output" and n.target not in (
-                kv_compact, kv_append, kv_window, kv_full, kv_store, kv_static_empty, kv_static_write, kv_static_setitem):
+                kv_compact, kv_append, kv_window, kv_full, kv_store, kv_static_empty, kv_static_write, kv_static_setitem,
+                kv_static_copy):
             graph.erase_node(n)
 
 
@@ -294,11 +312,12 @@ def rewrite(gm: fx.GraphModule, config: Config, graph_break: Optional[str] = Non
             if upd.note:
                 report.notes.append(f"{upd.cache.name}: {upd.note}")
     _rewrite_reads(rw, [u for u in updates if u.matched])
+    whole = [_rewrite_whole(graph, n) for n in static_rewrites(graph)]
     graph.lint()
     gm.recompile()
     report.entries = [rw.entries[u.cache] for u in updates] + [
-        Entry(n.args[0].name, None, "quantized (static buffer rewritten whole, e.g. a rolled sliding window: every "
-              "token quantized again as written; attention reads it dequantized)") for n in static_rewrites(graph)]
+        Entry(name, None, "quantized (static buffer rewritten whole, e.g. a rolled sliding window: every "
+              "token quantized again as written; attention reads it dequantized)") for name in whole]
     _finish(report)
     return report
 
