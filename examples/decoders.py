@@ -26,7 +26,8 @@ tests/test_decoders.py checks each against the eager reference.
              Llama does) | argument (created by the caller, Decoder.buffers, and passed to forward)
   write      how a buffer is written: index (`buf[:, :, pos] = k`) | index_copy (`buf.index_copy_(2, pos,
              k)`) | index_copy_used (`buf = buf.index_copy_(2, pos, k)`, its result read: litgpt's) |
-             index_put (`torch.ops.aten.index_put_(buf, [None, None, pos], k)`: ExecuTorch's) | slice (`buf[:bsz, start:start + n] = k`) | rolling (`buf[:, :, pos % max_len] = k`: a
+             index_put (`torch.ops.aten.index_put_(buf, [None, None, pos], k)`: ExecuTorch's) | scatter
+             (`buf.scatter_(2, pos.view(1, 1, n, 1).expand_as(k), k)`) | slice (`buf[:bsz, start:start + n] = k`) | rolling (`buf[:, :, pos % max_len] = k`: a
              sliding window of max_len tokens, read whole); along the layout's tokens dim
   read       how a buffer is read: whole (every max_len token, masked by position) | prefix (`buf[:bsz,
              :start + n]`)
@@ -117,6 +118,10 @@ class Attention(nn.Module):
             return out if how == "index_copy_used" else buf
         if how == "index_put":
             return torch.ops.aten.index_put_(buf, [None] * axis + [pos], new)
+        if how == "scatter":  # the positions broadcast over the other dims
+            at = pos.view([1] * axis + [n] + [1] * (new.dim() - axis - 1)).expand_as(new)
+            buf.scatter_(axis, at, new)
+            return buf
         if how in ("index", "rolling"):
             buf[(slice(None),) * axis + (pos % self.idiom.max_len if how == "rolling" else pos,)] = new
         else:  # a batch prefix, a slice of the tokens

@@ -265,6 +265,21 @@ def _index_copy_(s: KVState, dim: int, index: Tensor, source: Tensor) -> Any:
     return s
 
 
+def _scatter_(s: KVState, dim: int, index: Tensor, src: Tensor) -> Any:
+    """`s.scatter_(d, pos.view(..).expand_as(new), new)` on a fixed-size state along its tokens dim: the
+    positions are the index's along that dim (the pass matched it so: match._broadcast_positions; run
+    uncompiled, an index that is not them broadcast is refused)."""
+    lay = s.kv_layout
+    d = dim % s.dim()
+    if not lay.static or d != lay.token_dim or isinstance(src, KVState) or index.shape != src.shape:
+        return NotImplemented
+    pos = index[tuple(slice(None) if i == d else slice(0, 1) for i in range(index.dim()))]
+    if not _tracing(s) and not torch.equal(pos.expand_as(index), index):
+        return NotImplemented
+    kv_static_write(s, d, pos.reshape(-1), src)
+    return s
+
+
 def _zero_(s: KVState) -> Any:
     """`buf.zero_()` on a fixed-size state (a decoder resetting its cache buffers): every token 0 (zero
     codes, scales and minimums dequantize to 0 in every format, as kv_static_empty's do)."""
@@ -459,6 +474,7 @@ _HANDLERS = {
     aten.index_select.default: _index_select,
     aten.index_copy_.default: _index_copy_,
     aten.index_put_.default: _index_put_,
+    aten.scatter_.src: _scatter_,
     aten.zero_.default: _zero_,
     aten.cat.default: _cat,
     aten.repeat_interleave.self_int: _repeat_interleave,
@@ -585,6 +601,7 @@ def kv_static_write(s: KVState, dim: int, pos: Tensor, new: Tensor) -> KVState:
     window (Layout.overlay), join it (_overlay_write). Returns what attention reads this step: `s`, or
     with a window a view of it whose window rows also hold this step's tokens and those the write moved
     to the packed rows (attention reads a step's cache before that step's quantization)."""
+    pos = pos.reshape(-1)  # (a scatter_'s positions keep their unit dims)
     if s.kv_layout.overlay:
         return _overlay_write(s, pos, s.kv_layout.to_canonical(new))
     ops.write_(s.packed(), s.kv_layout.to_canonical(new), pos)

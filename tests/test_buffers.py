@@ -118,6 +118,8 @@ FORMS = [  # (cache owner, write, read, layout): every form of the issue, each w
     ("buffer", "index_copy", "whole", "bthd"),
     ("buffer", "index_copy_used", "whole", "bhtd"),  # litgpt: k = self.k.index_copy_(2, input_pos, k)
     ("buffer", "index_put", "whole", "bhtd"),  # ExecuTorch: torch.ops.aten.index_put_(k_cache, [None, None, pos], k)
+    ("buffer", "scatter", "whole", "bthd"),  # k_cache.scatter_(1, pos.view(1, n, 1, 1).expand_as(k), k)
+    ("attribute", "scatter", "prefix", "bhtd"),
 ]
 
 

@@ -280,12 +280,17 @@ def find_static_updates(graph: fx.Graph) -> List[CacheUpdate]:
 
 def _write_args(node: fx.Node) -> Optional[Tuple[Any, Any, Any, Tuple]]:
     """(buffer, dim, new tokens, where) of a write at token positions, or None; `where` is ("positions",
-    pos) for `buf.index_copy_(dim, pos, new)` and `buf.index_put_((None, .., pos), new)` (ExecuTorch's),
+    pos) for `buf.index_copy_(dim, pos, new)`, `buf.index_put_((None, .., pos), new)` (ExecuTorch's) and
+    `buf.scatter_(dim, pos.view(..).expand_as(new), new)` (pos then keeps its unit dims),
     ("index", idx) for `buf[idx] = new`, ("whole", None) for `buf.copy_(x)` of a full-precision buffer
     (dim None)."""
     args = node.args
     if node.op == "call_method" and node.target == "index_copy_" and len(args) == 4:
         return args[0], args[1], args[3], ("positions", args[2])
+    if node.op == "call_method" and node.target == "scatter_" and len(args) == 4 and isinstance(args[1], int) \
+            and not node.kwargs:
+        pos = _broadcast_positions(args[2], args[1])
+        return (args[0], args[1], args[3], ("positions", pos)) if pos is not None else None
     index_put = (node.op == "call_method" and node.target == "index_put_") or \
         (node.op == "call_function" and node.target in (torch.index_put_, torch.ops.aten.index_put_.default,
                                                         torch.ops.aten.index_put_))
@@ -302,6 +307,20 @@ def _write_args(node: fx.Node) -> Optional[Tuple[Any, Any, Any, Tuple]]:
             and not _is_state(val(args[0])):  # a state rewritten whole quantizes as written (static_rewrites)
         return args[0], None, args[1], ("whole", None)
     return None
+
+
+def _broadcast_positions(index: Any, dim: int) -> Optional[fx.Node]:
+    """The positions of `buf.scatter_(dim, index, new)` when the index is them broadcast over the other dims
+    (`pos.view(1, 1, n, 1).expand_as(new)`): the tensor before the expand, whose only non-1 size is `dim`'s;
+    None for any other index (a scatter that is no write at token positions)."""
+    if not (isinstance(index, fx.Node) and index.op == "call_method" and index.target in ("expand", "expand_as")
+            and isinstance(index.args[0], fx.Node)):
+        return None
+    base = shape(index.args[0])
+    if base is None or len(base) != rank(index):
+        return None
+    d = dim % len(base)
+    return index.args[0] if all(s == 1 for i, s in enumerate(base) if i != d) else None
 
 
 _VIEWS = {"transpose", "permute", "view", "reshape", "expand", "contiguous", "repeat_interleave", "unsqueeze",
