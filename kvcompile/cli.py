@@ -1,6 +1,6 @@
 """The `kvquant` command.
 
-    kvquant demo     generate from a prompt with full precision, kivi-4 and kivi-2 on SmolLM2-135M:
+    kvquant demo     generate from a long prompt with full precision, kivi-4 and kivi-2 on SmolLM2-135M:
                      the texts, KV-cache bytes, compression and time per token
     kvquant eval     decode perplexity (prefill, then one token at a time), greedy agreement and
                      stored bits per element on SmolLM2-135M or Gemma-3-270M (Jargon File text)
@@ -16,7 +16,6 @@ import sys
 import warnings
 from typing import List, Optional
 
-DEFAULT_PROMPT = "Write a short essay on the hacker ethic: sharing code, elegant programs and curiosity."
 
 
 def _quiet() -> None:
@@ -44,27 +43,47 @@ def _settings(names: str) -> List[str]:
     return out
 
 
+def _progress(name: str):
+    """A one-line progress report on stderr for one setting's generation (stage, tokens done / total)."""
+    def show(stage: str, done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r  [{name}] {stage}: {done}/{total} tokens", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
 def demo(args: argparse.Namespace) -> None:
+    import time
+
     from . import evaluate as ev
 
     print(f"loading SmolLM2-135M-Instruct (float32) on {ev.machine()} ...", flush=True)
     model, tok = ev.load_smollm2()
+    prompt = args.prompt if args.prompt is not None else ev.long_prompt(tok, args.context)
+    prompt_tokens = ev.prompt_ids(tok, prompt).shape[1]
     results = []
     for name in _settings(args.settings):
         backend = "inductor (no quantization)" if ev.SETTINGS[name] is None else f"kvquant {ev.SETTINGS[name]}"
-        print(f"[{name}] compiling with {backend} and generating {args.max_new_tokens} tokens ...", flush=True)
-        results.extend(ev.compare_generations(model, tok, args.prompt, args.max_new_tokens, [name]))
-    prompt_tokens = ev.prompt_ids(tok, args.prompt).shape[1]
+        print(f"[{name}] {backend}: a {prompt_tokens}-token prompt, {args.max_new_tokens} new tokens, twice (the "
+              f"first run compiles)", flush=True)
+        t0 = time.perf_counter()
+        results.extend(ev.compare_generations(model, tok, prompt, args.max_new_tokens, [name], _progress(name)))
+        g = results[-1]
+        print(f"  [{name}] first token {g.first_token_s:.1f} s (compile included), first run {g.first_run_s:.1f} s, "
+              f"then {g.ms_per_token:.1f} ms per decoded token ({time.perf_counter() - t0:.0f} s in all)", flush=True)
     base = results[0].kv_bytes
-    print(f"\nprompt ({prompt_tokens} tokens): {args.prompt!r}\n")
+    shown = prompt if len(prompt) < 300 else f"{prompt[:120]} [...] {prompt[-120:]}"
+    print(f"\nprompt ({prompt_tokens} tokens): {shown!r}\n")
     for g in results:
         print(f"--- {g.name} ---\n{g.text.strip()}\n")
     print(f"KV cache after {prompt_tokens + args.max_new_tokens} tokens (30 layers, 3 KV heads, head_dim 64, "
-          f"float32), time per decoded token on {ev.machine()}:")
-    print(f"{'setting':<8} {'KV bytes':>12} {'bits/elem':>9} {'vs ' + results[0].name:>10} {'ms/token':>9}")
+          f"float32), times on {ev.machine()}:")
+    print(f"{'setting':<8} {'KV bytes':>12} {'bits/elem':>9} {'vs ' + results[0].name:>10} {'ms/token':>9} "
+          f"{'1st token s':>11} {'1st run s':>9}")
     for g in results:
         print(f"{g.name:<8} {g.kv_bytes:>12,} {g.bits_per_element:>9.2f} {base / g.kv_bytes:>9.2f}x "
-              f"{g.ms_per_token:>9.1f}")
+              f"{g.ms_per_token:>9.1f} {g.first_token_s:>11.1f} {g.first_run_s:>9.1f}")
+    print("(ms/token: the second run's decode; 1st token and 1st run: the first run's, compilation included)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": ev.machine(), "prompt_tokens": prompt_tokens, "results": [vars(g) for g in results]},
@@ -127,8 +146,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="kvquant", description="KV-cache quantization as a torch.compile backend")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="generate with full precision and kivi-4/kivi-2 on SmolLM2-135M")
-    d.add_argument("--prompt", default=DEFAULT_PROMPT)
-    d.add_argument("--max-new-tokens", type=int, default=320)
+    d.add_argument("--prompt", default=None, help="the prompt (default: about --context tokens of the Jargon File "
+                                                   "excerpt, then a question on it)")
+    d.add_argument("--context", type=int, default=1024, help="the default prompt's length in tokens")
+    d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--settings", default="fp,kivi-4,kivi-2", help=f"comma-separated, from: {names}")
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=demo)

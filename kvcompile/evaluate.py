@@ -146,6 +146,8 @@ class Generation:
     kv_bytes: int
     ms_per_token: float
     bits_per_element: float
+    first_token_s: float = 0.0  # the first (compiling) run's prefill: compile + run, seconds
+    first_run_s: float = 0.0  # the whole first run (every graph compiled), seconds
 
 
 def prompt_ids(tok, prompt: str) -> torch.Tensor:
@@ -158,38 +160,57 @@ def prompt_ids(tok, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def timed_generate(model, tok, name: str, options: Optional[dict], prompt: str, max_new_tokens: int) -> Generation:
-    """Greedy generation through a DynamicCache; the first run compiles, the second is timed."""
+def timed_generate(model, tok, name: str, options: Optional[dict], prompt: str, max_new_tokens: int,
+                   progress: Optional[Callable[[str, int, int], None]] = None) -> Generation:
+    """Greedy generation through a DynamicCache; the first run compiles (its prefill and its whole time are
+    kept: time to first token, compile included), the second is timed per decoded token. progress(stage,
+    done, total), if given, is called as tokens come."""
     from transformers import DynamicCache
 
     fn = compiled(model, options)
     ids = prompt_ids(tok, prompt)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    def run():
+    def run(stage: str):
         cache = DynamicCache()
         out = [ids]
+        t0 = time.perf_counter()
         logits = fn(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        sync()
+        first = time.perf_counter() - t0
         start = time.perf_counter()
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             nxt = logits.argmax(-1, keepdim=True)
             out.append(nxt)
             logits = fn(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return torch.cat(out, 1), cache, (time.perf_counter() - start) / max_new_tokens
+            if progress is not None:
+                progress(stage, i + 1, max_new_tokens)
+        sync()
+        end = time.perf_counter()
+        return torch.cat(out, 1), cache, (end - start) / max_new_tokens, first, end - t0
 
-    run()  # compile prefill and decode graphs
-    tokens, cache, per_token = run()
+    _, _, _, first_token, first_run = run("compile + warm-up")  # compiles prefill and decode graphs
+    tokens, cache, per_token, _, _ = run("timed")
     text = tok.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
-    return Generation(name, text, max_new_tokens, cache_nbytes(cache), per_token * 1e3, bits_per_element(cache))
+    return Generation(name, text, max_new_tokens, cache_nbytes(cache), per_token * 1e3, bits_per_element(cache),
+                      first_token, first_run)
 
 
-def compare_generations(model, tok, prompt: str, max_new_tokens: int, names: List[str]) -> List[Generation]:
+def compare_generations(model, tok, prompt: str, max_new_tokens: int, names: List[str],
+                        progress: Optional[Callable[[str, int, int], None]] = None) -> List[Generation]:
     out = []
     for name in names:
         torch._dynamo.reset()
-        out.append(timed_generate(model, tok, name, SETTINGS[name], prompt, max_new_tokens))
+        out.append(timed_generate(model, tok, name, SETTINGS[name], prompt, max_new_tokens, progress))
     return out
+
+
+def long_prompt(tok, context: int, text: str = DEFAULT_TEXT) -> str:
+    """A prompt of about `context` tokens: the start of the text, then a question on it (the demo's default, so
+    that the cache outgrows kivi's 128-token full-precision window and the compression shows)."""
+    with open(text, encoding="utf-8") as f:
+        ids = tok(f.read(), add_special_tokens=False).input_ids[:max(context - 40, 0)]
+    return tok.decode(ids) + "\n\nIn a short essay, explain what this text says about hacker culture."
 
 
 # -- the accuracy study --------------------------------------------------------------------------------

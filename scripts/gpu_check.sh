@@ -8,7 +8,9 @@
 # so the end-to-end run uses a random Llama; benchmarks/bench_generate.py is the real-weights run.
 #
 #   device run:  bash scripts/gpu_check.sh                     (timeout_s 540)
-#   CPU dry run: GPU_CHECK_SMOKE=1 OUT=/tmp/x bash scripts/gpu_check.sh   (tests/test_gpu_check.py)
+#   then, if device time is left: GPU_CHECK_STEPS=decode bash scripts/gpu_check.sh   (timeout_s 300: the
+#                end-to-end decode throughput and the fixed-memory-budget rows, benchmarks/bench_decode_gpu.py)
+#   CPU dry run: GPU_CHECK_SMOKE=1 OUT=/tmp/x bash scripts/gpu_check.sh   (tests/test_gpu_check.py: every step)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -16,6 +18,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SMOKE=${GPU_CHECK_SMOKE:-0}
+STEPS=${GPU_CHECK_STEPS:-tests,e2e,attention}
+want() { [ "$SMOKE" = 1 ] || [[ ",$STEPS," == *",$1,"* ]]; }
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks, carried (device README)
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -40,11 +44,13 @@ if [ "$SMOKE" = 1 ]; then
     step tests 300 env HYPOTHESIS_PROFILE=ci $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k skips
     step attention 120 $PY benchmarks/bench_attention.py --smoke --out "$OUT/attention.json"
     step e2e 300 $PY scripts/gpu_e2e.py --smoke --out "$OUT/e2e.json"
+    step decode 300 $PY benchmarks/bench_decode_gpu.py --smoke --out "$OUT/decode.json"
 else
     # pytest-xdist is in the image: Triton compiles each kernel variant once per process, in parallel
-    step tests 180 env HYPOTHESIS_PROFILE=ci $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_ops.py
-    step e2e 90 $PY scripts/gpu_e2e.py --out "$OUT/e2e.json"
-    step attention 200 $PY benchmarks/bench_attention.py --out "$OUT/attention.json"
+    want tests && step tests 180 env HYPOTHESIS_PROFILE=ci $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_ops.py
+    want e2e && step e2e 90 $PY scripts/gpu_e2e.py --out "$OUT/e2e.json"
+    want attention && step attention 200 $PY benchmarks/bench_attention.py --out "$OUT/attention.json"
+    want decode && step decode 270 $PY benchmarks/bench_decode_gpu.py --models llama3-8b --batches 1,8,32 --out "$OUT/decode.json"
 fi
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -71,7 +71,8 @@ class _Rewriter:
             d = next(s for g, s in zip(groups, shape) if "d" in g) // upd.heads
         both = layouts(self.config, int(d))
         lay = both[0] if upd.role == "k" else both[1]
-        return both, lay._replace(logical=upd.logical, heads=upd.heads, window=upd.kind == "sliding")
+        merged = any(len(g) > 1 and "h" in g for g in groups)  # Layout.heads: only where a dim merges the heads
+        return both, lay._replace(logical=upd.logical, heads=upd.heads if merged else 0, window=upd.kind == "sliding")
 
     def entry(self, upd: CacheUpdate, status: str, reason: Optional[str] = None) -> Entry:
         e = Entry(upd.cache.name, _ROLE.get(upd.role), status, reason=reason)
