@@ -235,11 +235,10 @@ def _rewrite_reads(rw: _Rewriter, updates: List[CacheUpdate]) -> None:
         # state is its cache node)
         users = [u for u in upd.cache.users if u is not rw.output and u not in upd.size_uses
                  and u is not upd.returned and u.target not in ours]
+        order = {n: i for i, n in enumerate(graph.nodes)}
         if state is not upd.cache:  # a static view (a write's result): what comes before it reads the state
-            order = {n: i for i, n in enumerate(graph.nodes)}
             users = [u for u in users if order[u] > order[state]]
         if users:
-            order = {n: i for i, n in enumerate(graph.nodes)}
             with graph.inserting_before(min(users, key=order.__getitem__)):
                 full = graph.call_function(kv_full, (state,))
             for u in users:
