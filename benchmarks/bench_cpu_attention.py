@@ -30,6 +30,7 @@ from kvcompile.methods import layouts  # noqa: E402
 
 HQ, HKV, D = 9, 3, 64
 METHODS = {"kivi-2": dict(method="kivi", bits=2), "kivi-4": dict(method="kivi", bits=4), "int8": dict(method="int8"),
+           "nqkv-2": dict(method="nqkv", bits=2),
            "nqkv-4": dict(method="nqkv", bits=4), "fp8": dict(method="fp8")}
 
 

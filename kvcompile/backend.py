@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import warnings
 from typing import Any, Callable, List, Mapping, Optional
@@ -36,8 +37,22 @@ def compile_graph(gm: fx.GraphModule, example_inputs: List[Any], config: Config)
 
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
 
-    return compile_fx(gm, example_inputs)
+    from .kernels import cpu
+
+    if os.environ.get("KVCOMPILE_KERNELS") != "cpu":
+        return compile_fx(gm, example_inputs)
+    # the CPU's decode attention over the packed cache, compiled into this graph (kernels/cpu.py)
+    table = {**select_decomp_table(), torch.ops.kvquant.attention.default: cpu.decompose_attention}
+    try:
+        return compile_fx(gm, example_inputs, decompositions=table)
+    except Exception as e:  # noqa: BLE001 - Inductor's own failure on the decomposition: the ops still run
+        compiled = compile_fx(gm, example_inputs)  # a failure of its own raises here, as without the table
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        warnings.warn(KVQuantWarning(f"the CPU's fused decode attention did not compile ({msg}); this graph reads "
+                                     f"the quantized cache through the reference ops instead (still quantized)"))
+        return compiled
 
 
 def _raises(error: KVQuantOptionError) -> Callable:

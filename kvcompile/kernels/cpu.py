@@ -1,57 +1,160 @@
-"""Decode attention over the packed cache on the CPU, compiled by Inductor: the CPU's fast path (opt-in
-for now: KVCOMPILE_KERNELS=cpu; the torch reference, reference.attention, stays the oracle and the
-default).
+"""Decode attention over the packed cache on the CPU, compiled by Inductor: the CPU's fast path, opt-in
+for now (KVCOMPILE_KERNELS=cpu: its first compile is slow, see README); the torch reference,
+reference.attention, stays the oracle and the default.
+
+Two ways in: with the inductor compiler, `decompose_attention` writes kvquant::attention as the torch
+ops below inside the model's own graph (no call of its own per layer); with the eager compilers the op
+calls `attention`, which compiles them once per layout pair (a nested torch.compile).
 
 The reference dequantizes the whole cache to full precision, then calls SDPA: it reads the packed
-bytes, writes a full-precision copy and reads that again. Here the attention is written as reductions
-over the packed tensors (`(q * dequant(K)).sum(-1)` over the head dim for the scores, `(p *
-dequant(V)).sum(-2)` over the tokens for the output), and torch.compile (Inductor, dynamic shapes)
-fuses unpack -> affine (or level lookup) -> multiply -> reduce into vectorised C++ loop nests that
-read the codes, scales and minimums once and never write a full-precision K or V. The full-precision
-window is read as it is. For few queries (decode, L <= 16), where attention is bound by reading the
-cache; a longer prefill keeps the reference.
+bytes, writes a full-precision copy and reads that again. Here attention is written as reductions over
+the packed tensors, and torch.compile (Inductor) fuses unpack -> decode -> multiply -> reduce into
+vectorised C++ loop nests that read the codes, scales and minimums once and write no full-precision K
+or V. The full-precision window is read as it is (two small matmuls).
+
+How the loops vectorise. Sub-byte codes are packed low bits first: channel d = per * j + i sits in byte
+(or 3-byte word) j at bit position i (reference.pack). Indexed by d, the byte is j = d // per, which no
+vector unit loads directly; so every reduction here runs over the codes "planar", with i as a dim of its
+own and j, the bytes of a row, innermost: `(codes[..., None, :] >> bits * i) & mask`, one contiguous
+load per row and a shift by a loop constant. What multiplies the codes (the query, or the weights of the
+softmax) is permuted to the same (i, j) order once per call and stored in that order
+(`_stored`: Inductor's force_stride_order), so that Inductor's loop order follows the codes.
+
+Every format's dequantization is linear in its scale and minimum: deq(c, s, m) = deq(c, 1, 0) * s + m
+(m only where the format stores one; tests/test_cpu_attention.py checks each). So per-channel scales
+(kivi's keys, groups of G tokens) fold into the query once per group, q·(c∘s + m) = (q∘s)·c + q·m, and
+per-token scales multiply a partial sum per group of channels, (p_t s_t) c_t for the values.
 
 Arithmetic: float32 throughout (the scores, a softmax of its own that gives 0 for a row every key of
 which is masked, as SDPA does), rounded once to q's dtype: within the reference's own error against
-float64, not bit-exact to it.
+float64, not bit-exact to it. For few queries (decode, L <= MAX_QUERIES), where attention is bound by
+reading the cache; a longer prefill keeps the reference's SDPA.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..layout import PAD, Packed
+from ..layout import CHANNEL_AXIS, PAD, TOKEN_AXIS, Layout, Packed
+from ..methods import codes_per_word
 from . import reference as ref
 
 MAX_QUERIES = 16  # decode and short chunks; longer prefills are compute-bound: the reference's SDPA
 RECOMPILE_LIMIT = 256
 
 
-def _packed_tokens(p: Packed) -> Tensor:
-    """The packed rows' tokens [B, H, nq - skip, D], dequantized in float32: an expression Inductor fuses
-    into its consumer, not a tensor it writes."""
-    lay, D = p.layout, p.res.shape[-1]
-    ns = lay.scale_rows(p.nq)
-    x = ref.dequantize(p.codes[:, :, PAD:PAD + p.nq], p.scale[:, :, PAD:PAD + ns].float(),
-                       p.mn[:, :, PAD:PAD + ns].float(), lay, D)
-    return x[:, :, p.skip:]
+def _stored(x: Tensor) -> Tensor:
+    """x written to memory contiguous in its own dim order (so that loops reading it run along its last
+    dim), not recomputed inside its consumer's loops. A hint: without Inductor's prim, x as it is."""
+    prim = getattr(torch.ops.prims, "inductor_force_stride_order", None)
+    stride, step = [], 1
+    for n in reversed(x.shape):
+        stride.append(step)
+        step = step * n
+    if prim is None or not all(isinstance(t, int) for t in stride):  # symbolic strides: Inductor cannot order them
+        return x
+    return prim(x, stride[::-1])
+
+
+def _planar(x: Tensor, per: int) -> Tensor:
+    """[..., D] -> [..., per, D / per]: channel d = per * j + i at [..., i, j] (the codes' order)."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // per, per).transpose(-1, -2)  # sizes explicit: no -1 to solve
+
+
+def _unplanar(x: Tensor) -> Tensor:
+    """Inverse of _planar: [..., per, J] -> [..., per * J]."""
+    return x.transpose(-1, -2).reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def _codes(codes: Tensor, lay: Layout) -> Tensor:
+    """Packed rows [..., J bytes] -> their codes [..., per, J words] (uint8, planar: _planar's order)
+    decoded to float32 with scale 1 and minimum 0 (deq(c, 1, 0))."""
+    bits = lay.bits
+    if bits == 8:
+        c = codes[..., None, :]
+    elif bits == 3:  # 8 codes in each little-endian 24-bit word of 3 bytes
+        b = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 3, 3).to(torch.int32)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=codes.device)
+        c = ((word[..., None, :] >> shifts[:, None]) & 7).to(torch.uint8)
+    else:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        c = (codes[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)
+    one = torch.ones((), dtype=torch.float32, device=codes.device)
+    return lay.fmt.dequantize(c, one, torch.zeros_like(one), bits)
+
+
+def _rows(p: Packed, t: Tensor) -> Tensor:
+    """The rows of inner tensor t (codes, or a per-token scale or minimum) holding packed tokens [skip, nq)."""
+    return t[:, :, PAD + p.skip:PAD + p.nq]
+
+
+def _scores(qg: Tensor, k: Packed) -> Tensor:
+    """qg [B, H, rows, D] (float32, scaled) against the packed keys -> [B, H, rows, nq - skip]."""
+    lay = k.layout
+    B, H, rows, D = qg.shape
+    per = codes_per_word(lay.bits)
+    if lay.axis == TOKEN_AXIS:  # one scale (and minimum) per channel per G tokens: fold into q per group
+        G = lay.group  # nq is whole groups; skip need not be: whole groups from the one it falls in
+        g0, ng = k.skip // G, k.nq // G - k.skip // G
+        s = k.scale[:, :, PAD + g0:PAD + g0 + ng].float()
+        codes = k.codes[:, :, PAD + g0 * G:PAD + k.nq]
+        qs = _planar(qg[:, :, :, None] * s[:, :, None], per)  # [B, H, rows, ng, per, J]
+        qs = _stored(qs.permute(3, 0, 1, 2, 4, 5)).permute(1, 2, 3, 0, 4, 5)  # stored groups outermost: static strides
+        c = _codes(codes.reshape(B, H, ng, G, codes.shape[-1]), lay)  # [B, H, ng, G, per, J]
+        out = (qs[:, :, :, :, None] * c[:, :, None]).sum((-1, -2))  # [B, H, rows, ng, G]
+        if lay.fmt.has_min:
+            m = k.mn[:, :, PAD + g0:PAD + g0 + ng].float()
+            out = out + (qg[:, :, :, None] * m[:, :, None]).sum(-1)[..., None]
+        return out.reshape(B, H, rows, ng * G)[..., k.skip - g0 * G:]
+    # one scale (and minimum) per token per group of Gc channels: a partial sum per group, times its scale
+    Gc = lay.group
+    ngc = D // Gc
+    codes = _rows(k, k.codes)
+    n = codes.shape[2]
+    qp = _stored(_planar(qg.reshape(B, H, rows, ngc, Gc), per))  # [B, H, rows, ngc, per, Jg]
+    c = _codes(codes.reshape(B, H, n, ngc, codes.shape[-1] // ngc), lay)  # [B, H, n, ngc, per, Jg]
+    part = (qp[:, :, :, None] * c[:, :, None]).sum((-1, -2))  # [B, H, rows, n, ngc]
+    out = (part * _rows(k, k.scale).float()[:, :, None]).sum(-1)
+    if lay.fmt.has_min:
+        qsum = qg.reshape(B, H, rows, ngc, Gc).sum(-1)  # [B, H, rows, ngc]
+        out = out + (qsum[:, :, :, None] * _rows(k, k.mn).float()[:, :, None]).sum(-1)
+    return out
+
+
+def _weighted(e: Tensor, v: Packed, D: int) -> Tensor:
+    """Softmax weights e [B, H, rows, nq - skip] (float32) times the packed values -> [B, H, rows, D]."""
+    lay = v.layout  # CHANNEL_AXIS (usable): one scale (and minimum) per token per group of Gc channels
+    B, H, rows, n = e.shape
+    per, Gc = codes_per_word(lay.bits), lay.group
+    ngc = D // Gc
+    s = _rows(v, v.scale).float()  # [B, H, n, ngc]
+    ps = e[..., None] * s[:, :, None]  # [B, H, rows, n, ngc]: invariant along the vectorised bytes
+    codes = _rows(v, v.codes)
+    c = _codes(codes.reshape(B, H, n, ngc, codes.shape[-1] // ngc), lay)  # [B, H, n, ngc, per, Jg]
+    out = (ps[..., None, None] * c[:, :, None]).sum(3)  # [B, H, rows, ngc, per, Jg]
+    out = _unplanar(out)  # [B, H, rows, ngc, Gc]
+    if lay.fmt.has_min:
+        out = out + (e[..., None] * _rows(v, v.mn).float()[:, :, None]).sum(3)[..., None]
+    return out.reshape(B, H, rows, D)
 
 
 def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: bool, scale: float) -> Tensor:
+    dtype = q.dtype
+    q, k, v, back = ref.in_basis(q, k, v, float32=True)  # NFH: attend in the transformed basis
     B, Hq, L, D = q.shape
     Hkv = k.res.shape[1]
     rows = Hq // Hkv * L  # the query rows of one KV head: (query head, query) pairs
-    qg = q.float().reshape(B, Hkv, rows, D) * scale
-    kr, vr = ref.unpad(k.res).float(), ref.unpad(v.res).float()
+    qg = q.reshape(B, Hkv, rows, D) * scale
+    kr, vr = ref.unpad(k.res), ref.unpad(v.res)
     s = torch.matmul(qg, kr.transpose(2, 3))  # the window: [B, Hkv, rows, Nr]
     if k.layout.quantized:
-        kq = _packed_tokens(k)
-        s = torch.cat([(qg[:, :, :, None, :] * kq[:, :, None, :, :]).sum(-1), s], dim=-1)
+        s = torch.cat([_scores(qg, k), s], dim=-1)
     T = s.shape[-1]
     if mask is not None:
         m = mask.expand(B, Hq, L, T).reshape(B, Hkv, rows, T)
@@ -65,26 +168,66 @@ def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: 
     nvq = T - vr.shape[2]  # values: packed tokens first, then the window (their own split)
     out = torch.matmul(e[..., nvq:], vr)
     if v.layout.quantized:
-        out = out + (e[..., :nvq, None] * _packed_tokens(v)[:, :, None]).sum(-2)
+        out = out + _weighted(e[..., :nvq], v, vr.shape[-1])
     out = out / torch.where(total == 0.0, 1.0, total)
-    return out.reshape(B, Hq, L, -1).to(q.dtype)
+    return back(out.reshape(B, Hq, L, out.shape[-1])).to(dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled():
-    return torch.compile(_attend, dynamic=True, fullgraph=True)
+def _compiled(lk: Layout, lv: Layout):
+    """The attention for one pair of layouts, compiled: the layouts are constants of the graph (their
+    group sizes and bits fix the loop bounds Inductor vectorises), the sizes that change every step are
+    dynamic after the first step (automatic dynamic shapes)."""
+
+    for lay in (lk, lv):  # tables a format decodes with, made now: inputs of the graph, not computed in it
+        if lay.quantized and lay.fmt.levels is not None:
+            lay.fmt.levels(lay.bits, "cpu")
+
+    def attend(q, kt, k_nq, k_skip, vt, v_nq, v_skip, mask, is_causal, scale):
+        return _attend(q, Packed(*kt, lk, k_nq, k_skip), Packed(*vt, lv, v_nq, v_skip), mask, is_causal, scale)
+
+    return torch.compile(attend, fullgraph=True)
 
 
-# Formats whose codes are whole bytes (int8, fp8): measured faster than the reference here
-# (benchmarks/bench_cpu_attention.py). Sub-byte codes (kivi, nf: 2-4 bits) compile to loops that are
-# slower than the reference's (the unpack is not vectorised), so they keep the reference.
-FORMATS = ("int8", "fp8")
+def _static_int(n) -> Optional[int]:
+    """n as an int where it is one, or a size the shape environment knows; None for a symbolic size."""
+    if isinstance(n, int):
+        return n
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(n) if is_concrete_int(n) else None
 
 
-def usable(q: Tensor, k: Packed, v: Packed, dropout_p: float) -> bool:
-    """Whether the fast path serves this call: CPU, few queries, no dropout, byte formats (FORMATS)."""
-    return (q.device.type == "cpu" and q.shape[2] <= MAX_QUERIES and dropout_p == 0.0
-            and all(p.layout.format in FORMATS + ("none",) for p in (k, v))
+def decompose_attention(q, k_codes, k_scale, k_mn, k_res, k_layout, k_nq, k_skip, v_codes, v_scale, v_mn, v_res,
+                        v_layout, v_nq, v_skip, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False):
+    """kvquant::attention written as the torch ops of `_attend`, for Inductor to compile into the model's own
+    graph (compile_fx's decomposition table, backend.py): no nested compiled call, no dispatch, one C++
+    kernel source for the whole decode step. NotImplemented (the op stays) where the fast path does not serve."""
+    k = Packed.from_op(k_codes, k_scale, k_mn, k_res, k_layout, k_nq, k_skip)
+    v = Packed.from_op(v_codes, v_scale, v_mn, v_res, v_layout, v_nq, v_skip)
+    L = _static_int(q.shape[2])
+    if L is None or not usable(q, k, v, dropout_p, queries=L) or os.environ.get("KVCOMPILE_KERNELS") != "cpu":
+        return NotImplemented
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _attend(q, k, v, attn_mask, bool(is_causal), s)
+
+
+def _serves(lay: Layout, role: str, head_dim: int) -> bool:
+    """Whether the loops above read this layout: values grouped along their channels, groups of whole
+    bytes (words) of codes."""
+    if not lay.quantized:
+        return True
+    if lay.axis == TOKEN_AXIS:
+        return role == "k"
+    return lay.axis == CHANNEL_AXIS and head_dim % lay.group == 0 and lay.group % codes_per_word(lay.bits) == 0
+
+
+def usable(q: Tensor, k: Packed, v: Packed, dropout_p: float, queries: Optional[int] = None) -> bool:
+    """Whether the fast path serves this call: CPU, few queries, no dropout, a layout it reads."""
+    L = q.shape[2] if queries is None else queries
+    return (q.device.type == "cpu" and L <= MAX_QUERIES and dropout_p == 0.0 and not q.requires_grad
+            and _serves(k.layout, "k", k.res.shape[-1]) and _serves(v.layout, "v", v.res.shape[-1])
             and (k.layout.quantized or v.layout.quantized))
 
 
@@ -92,8 +235,8 @@ def attention(q: Tensor, k: Packed, v: Packed, attn_mask: Optional[Tensor] = Non
               scale: Optional[float] = None) -> Tensor:
     """SDPA of q [B, Hq, L, D] over packed keys and values (Hkv divides Hq) -> [B, Hq, L, Dv]."""
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # one graph per layout pair, mask kind and dtype: more than Dynamo's default 8 in a process that mixes them
+    # graphs per layout pair, mask kind and dtype: more than Dynamo's default 8 in a process that mixes them
     limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=limit):
-        warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")  # NF's level table: traced, fine
-        return _compiled()(q, k, v, attn_mask, bool(is_causal), s)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _compiled(k.layout, v.layout)(q, k.tensors, k.nq, k.skip, v.tensors, v.nq, v.skip, attn_mask,
+                                             bool(is_causal), s)

@@ -67,11 +67,18 @@ def _levels64(bits: int) -> Tensor:
     return v / v.max()
 
 
-@functools.lru_cache(maxsize=None)
+_LEVELS = {}  # (bits, device) -> table: a plain dict, so that a compiled graph reads a table made before it
+
+
 def levels(bits: int, device: torch.device | str = "cpu") -> Tensor:
     """The 2^bits NormalFloat levels, sorted, float32, in [-1, 1] with an exact 0 (see module doc).
-    Made once per device (no host-to-device copy per decode step): do not modify it."""
-    return _levels64(bits).to(device=device, dtype=torch.float32)
+    Made once per device (no host-to-device copy per decode step): do not modify it. Traced by Dynamo
+    after a first call made it, it is a constant input of the graph, not a computation in it."""
+    key = (bits, str(torch.device(device)))
+    table = _LEVELS.get(key)
+    if table is None:
+        table = _LEVELS[key] = _levels64(bits).to(device=device, dtype=torch.float32)
+    return table
 
 
 @functools.lru_cache(maxsize=None)

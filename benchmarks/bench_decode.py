@@ -1,0 +1,124 @@
+"""Decode time per step of SmolLM2-135M (float32) at batch x context shapes, each setting in its own
+process: plain eager, plain Inductor, the kvquant backend (none, kivi-2, kivi-4, nqkv-4, int8) and
+transformers' QuantizedCache (quanto 4-bit, eager: the peer a user would otherwise pick).
+
+    python benchmarks/bench_decode.py [--shapes 1x512 1x4096 8x2048 16x4096] [--settings ...] [--steps 24]
+
+A worker prefills `context` tokens of the long prompt (evaluate.long_prompt, repeated per sequence) into
+a DynamicCache (or the QuantizedCache), then runs a manual decode loop: greedy next token, one forward
+of one token per step. The first steps compile every graph the loop meets (their time, and the
+prefill's, are reported as time to first token and warm-up); the median of the last `--steps` steps is
+the decode time. Settings run in the order given, one process each, so two never share the 2 cores.
+Prints one table, writes JSON (incrementally, after every worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SETTINGS = {
+    "eager fp32": ("eager", None),
+    "inductor fp32": ("inductor", None),
+    "kvquant none": ("kvquant", {"method": "none"}),
+    "kvquant kivi-2": ("kvquant", {"method": "kivi", "bits": 2}),
+    "kvquant kivi-4": ("kvquant", {"method": "kivi", "bits": 4}),
+    "kvquant nqkv-4": ("kvquant", {"method": "nqkv", "bits": 4}),
+    "kvquant int8": ("kvquant", {"method": "int8"}),
+    "quanto-4 (QuantizedCache, eager)": ("quanto", None),
+}
+WARMUP = 4  # decode steps before timing: the graphs a loop meets (prefill, first decode, dynamic decode, growth)
+
+
+def worker(setting: str, batch: int, context: int, steps: int) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    from kvcompile import cache_nbytes
+    from kvcompile import evaluate as ev
+
+    kind, options = SETTINGS[setting]
+    model, tok = ev.load_smollm2(torch.float32)
+    ids = tok(ev.long_prompt(tok, context), return_tensors="pt").input_ids[:, :context].repeat(batch, 1)
+    if kind == "inductor":
+        fn = torch.compile(model)
+    elif kind == "kvquant":
+        fn = torch.compile(model, backend="kvquant", options=options)
+    else:
+        fn = model
+    if kind == "quanto":
+        from transformers import QuantizedCache
+
+        cache = QuantizedCache("quanto", model.config, nbits=4)
+    else:
+        cache = DynamicCache()
+    times = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = fn(input_ids=ids, past_key_values=cache, use_cache=True)
+        ttft = time.perf_counter() - t0
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(WARMUP + steps):
+            t = time.perf_counter()
+            out = fn(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t)
+    kv = cache_nbytes(cache) if kind != "quanto" else ev.held_nbytes(cache)
+    return dict(setting=setting, batch=batch, context=context, ms_per_step=statistics.median(times[WARMUP:]) * 1e3,
+                warmup_s=sum(times[:WARMUP]), ttft_s=ttft, kv_bytes=kv, threads=torch.get_num_threads())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=["1x512", "1x4096", "8x2048", "16x4096"], help="BxT")
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+    ap.add_argument("--worker", nargs=3, metavar=("SETTING", "BATCH", "CONTEXT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        setting, b, t = args.worker
+        print("RESULT " + json.dumps(worker(setting, int(b), int(t), args.steps)))
+        return
+    from kvcompile import evaluate as ev
+
+    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes:
+        b, t = shape.split("x")
+        for setting in args.settings:
+            print(f"{shape} {setting} ...", file=sys.stderr, flush=True)
+            run = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", setting, b, t],
+                                 capture_output=True, text=True)
+            lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+            if run.returncode or not lines:
+                rows.append(dict(setting=setting, batch=int(b), context=int(t), error=run.stderr[-2000:]))
+            else:
+                rows.append(json.loads(lines[-1][7:]))
+            out.write_text(json.dumps(dict(machine=ev.machine(), command=" ".join(sys.argv), results=rows), indent=2))
+    print(f"SmolLM2-135M float32 decode, {ev.machine()}; median ms per step over {args.steps} steps")
+    print(f"{'shape':>8} {'setting':<34} {'ms/step':>9} {'vs inductor':>12} {'TTFT s':>8} {'warm-up s':>10} {'KV MB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['batch']}x{r['context']:<6} {r['setting']:<34} failed: {r['error'].splitlines()[-1:]}")
+            continue
+        base = [x for x in rows if x.get("setting") == "inductor fp32" and x["batch"] == r["batch"]
+                and x["context"] == r["context"] and "ms_per_step" in x]
+        rel = f"{r['ms_per_step'] / base[0]['ms_per_step']:.2f}x" if base else "-"
+        print(f"{r['batch']}x{r['context']:<6} {r['setting']:<34} {r['ms_per_step']:>9.1f} {rel:>12} "
+              f"{r['ttft_s']:>8.1f} {r['warmup_s']:>10.1f} {r['kv_bytes'] / 1e6:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
