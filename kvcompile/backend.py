@@ -37,12 +37,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: List[Any], config: Config)
 
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
+
+    if os.environ.get("KVCOMPILE_KERNELS") != "cpu":
+        return compile_fx(gm, example_inputs)
     from torch._inductor.decomposition import select_decomp_table
 
     from .kernels import cpu
 
-    if os.environ.get("KVCOMPILE_KERNELS") != "cpu":
-        return compile_fx(gm, example_inputs)
     # the CPU's decode attention over the packed cache, compiled into this graph (kernels/cpu.py)
     table = {**select_decomp_table(), torch.ops.kvquant.attention.default: cpu.decompose_attention}
     try:

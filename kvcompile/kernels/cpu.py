@@ -21,7 +21,7 @@ softmax) is permuted to the same (i, j) order once per call and stored in that o
 (`_stored`: Inductor's force_stride_order), so that Inductor's loop order follows the codes.
 
 Every format's dequantization is linear in its scale and minimum: deq(c, s, m) = deq(c, 1, 0) * s + m
-(m only where the format stores one; tests/test_cpu_attention.py checks each). So per-channel scales
+(m only where the format stores one; tests/test_kernels.py checks each). So per-channel scales
 (kivi's keys, groups of G tokens) fold into the query once per group, q·(c∘s + m) = (q∘s)·c + q·m, and
 per-token scales multiply a partial sum per group of channels, (p_t s_t) c_t for the values.
 
@@ -34,7 +34,6 @@ reading the cache; a longer prefill keeps the reference's SDPA.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -94,6 +93,14 @@ def _rows(p: Packed, t: Tensor) -> Tensor:
     return t[:, :, PAD + p.skip:PAD + p.nq]
 
 
+def _channel_codes(p: Packed, ngc: int) -> Tensor:
+    """The codes of packed tokens [skip, nq) of a layout grouped along channels, decoded (_codes), in their
+    ngc groups: [B, H, n, ngc, per, Jg]."""
+    codes = _rows(p, p.codes)
+    B, H, n, J = codes.shape
+    return _codes(codes.reshape(B, H, n, ngc, J // ngc), p.layout)
+
+
 def _scores(qg: Tensor, k: Packed) -> Tensor:
     """qg [B, H, rows, D] (float32, scaled) against the packed keys -> [B, H, rows, nq - skip]."""
     lay = k.layout
@@ -115,10 +122,8 @@ def _scores(qg: Tensor, k: Packed) -> Tensor:
     # one scale (and minimum) per token per group of Gc channels: a partial sum per group, times its scale
     Gc = lay.group
     ngc = D // Gc
-    codes = _rows(k, k.codes)
-    n = codes.shape[2]
     qp = _stored(_planar(qg.reshape(B, H, rows, ngc, Gc), per))  # [B, H, rows, ngc, per, Jg]
-    c = _codes(codes.reshape(B, H, n, ngc, codes.shape[-1] // ngc), lay)  # [B, H, n, ngc, per, Jg]
+    c = _channel_codes(k, ngc)  # [B, H, n, ngc, per, Jg]
     part = (qp[:, :, :, None] * c[:, :, None]).sum((-1, -2))  # [B, H, rows, n, ngc]
     out = (part * _rows(k, k.scale).float()[:, :, None]).sum(-1)
     if lay.fmt.has_min:
@@ -131,12 +136,10 @@ def _weighted(e: Tensor, v: Packed, D: int) -> Tensor:
     """Softmax weights e [B, H, rows, nq - skip] (float32) times the packed values -> [B, H, rows, D]."""
     lay = v.layout  # CHANNEL_AXIS (usable): one scale (and minimum) per token per group of Gc channels
     B, H, rows, n = e.shape
-    per, Gc = codes_per_word(lay.bits), lay.group
-    ngc = D // Gc
+    ngc = D // lay.group
     s = _rows(v, v.scale).float()  # [B, H, n, ngc]
     ps = e[..., None] * s[:, :, None]  # [B, H, rows, n, ngc]: invariant along the vectorised bytes
-    codes = _rows(v, v.codes)
-    c = _codes(codes.reshape(B, H, n, ngc, codes.shape[-1] // ngc), lay)  # [B, H, n, ngc, per, Jg]
+    c = _channel_codes(v, ngc)  # [B, H, n, ngc, per, Jg]
     out = (ps[..., None, None] * c[:, :, None]).sum(3)  # [B, H, rows, ngc, per, Jg]
     out = _unplanar(out)  # [B, H, rows, ngc, Gc]
     if lay.fmt.has_min:
@@ -191,8 +194,6 @@ def _compiled(lk: Layout, lv: Layout):
 
 def _static_int(n) -> Optional[int]:
     """n as an int where it is one, or a size the shape environment knows; None for a symbolic size."""
-    if isinstance(n, int):
-        return n
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     return int(n) if is_concrete_int(n) else None
@@ -207,7 +208,7 @@ def decompose_attention(q, k_codes, k_scale, k_mn, k_res, k_layout, k_nq, k_skip
     k = Packed.from_op(k_codes, k_scale, k_mn, k_res, k_layout, k_nq, k_skip)
     v = Packed.from_op(v_codes, v_scale, v_mn, v_res, v_layout, v_nq, v_skip)
     L = _static_int(q.shape[2])
-    if L is None or not usable(q, k, v, dropout_p, queries=L) or os.environ.get("KVCOMPILE_KERNELS") != "cpu":
+    if L is None or not usable(q, k, v, dropout_p, queries=L):
         return NotImplemented
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attend(q, k, v, attn_mask, bool(is_causal), s)
