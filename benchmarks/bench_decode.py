@@ -10,6 +10,11 @@ of one token per step. The first steps compile every graph the loop meets (their
 prefill's, are reported as time to first token and warm-up); the median of the last `--steps` steps is
 the decode time. Settings run in the order given, one process each, so two never share the 2 cores.
 Prints one table, writes JSON (incrementally, after every worker).
+
+`--profile` also runs PROFILED more steps under torch.profiler and reports, per decode step, what it
+launches and allocates: calls of the compiled graphs, of kvcompile's ops (kvquant::*) and of aten ops
+(outside the compiled graphs' own kernels: the ops' torch reference and the glue between ops), Dynamo
+cache lookups, allocations (aten::empty*) and the bytes they allocate, and the self time by op.
 """
 
 from __future__ import annotations
@@ -36,10 +41,34 @@ SETTINGS = {
     "kvquant int8": ("kvquant", {"method": "int8"}),
     "quanto-4 (QuantizedCache, eager)": ("quanto", None),
 }
+PROFILED = 4  # steps under the profiler (--profile)
 WARMUP = 4  # decode steps before timing: the graphs a loop meets (prefill, first decode, dynamic decode, growth)
 
 
-def worker(setting: str, batch: int, context: int, steps: int) -> dict:
+def profile_steps(step, n: int) -> dict:
+    """Per-step counts of what `step` (one decode step) launches and allocates, from torch.profiler."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+
+    def per_step(pred, attr="count"):
+        return sum(getattr(e, attr) for e in events if pred(e.key)) / n
+
+    return dict(
+        graph_calls=per_step(lambda k: k.startswith("## Call CompiledFxGraph")),
+        kvquant_calls={e.key: e.count / n for e in events if e.key.startswith("kvquant::")},
+        aten_calls=per_step(lambda k: k.startswith("aten::")),
+        dynamo_lookups=per_step(lambda k: k == "TorchDynamo Cache Lookup"),
+        allocations=per_step(lambda k: k.startswith("aten::empty")),
+        alloc_mb=per_step(lambda k: k.startswith("aten::empty"), "self_cpu_memory_usage") / 1e6,
+        self_ms={e.key: e.self_cpu_time_total / n / 1e3 for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]},
+    )
+
+
+def worker(setting: str, batch: int, context: int, steps: int, profiled: bool = False) -> dict:
     import torch
     from transformers import DynamicCache
 
@@ -68,14 +97,21 @@ def worker(setting: str, batch: int, context: int, steps: int) -> dict:
         ttft = time.perf_counter() - t0
         cache = out.past_key_values
         nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(WARMUP + steps):
-            t = time.perf_counter()
+
+        def step():
+            nonlocal out, nxt
             out = fn(input_ids=nxt, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
+
+        for _ in range(WARMUP + steps):
+            t = time.perf_counter()
+            step()
             times.append(time.perf_counter() - t)
+        counts = profile_steps(step, PROFILED) if profiled else {}
     kv = cache_nbytes(cache) if kind != "quanto" else ev.held_nbytes(cache)
     return dict(setting=setting, batch=batch, context=context, ms_per_step=statistics.median(times[WARMUP:]) * 1e3,
-                warmup_s=sum(times[:WARMUP]), ttft_s=ttft, kv_bytes=kv, threads=torch.get_num_threads())
+                warmup_s=sum(times[:WARMUP]), ttft_s=ttft, kv_bytes=kv, threads=torch.get_num_threads(),
+                kernels=os.environ.get("KVCOMPILE_KERNELS", "auto"), **counts)
 
 
 def main() -> None:
@@ -83,12 +119,13 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=["1x512", "1x4096", "8x2048", "16x4096"], help="BxT")
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--profile", action="store_true", help="also count what a decode step launches and allocates")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
     ap.add_argument("--worker", nargs=3, metavar=("SETTING", "BATCH", "CONTEXT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         setting, b, t = args.worker
-        print("RESULT " + json.dumps(worker(setting, int(b), int(t), args.steps)))
+        print("RESULT " + json.dumps(worker(setting, int(b), int(t), args.steps, args.profile)))
         return
     from kvcompile import evaluate as ev
 
@@ -99,15 +136,17 @@ def main() -> None:
         b, t = shape.split("x")
         for setting in args.settings:
             print(f"{shape} {setting} ...", file=sys.stderr, flush=True)
-            run = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", setting, b, t],
-                                 capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--steps", str(args.steps), *(["--profile"] if args.profile else []),
+                   "--worker", setting, b, t]
+            run = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
             if run.returncode or not lines:
                 rows.append(dict(setting=setting, batch=int(b), context=int(t), error=run.stderr[-2000:]))
             else:
                 rows.append(json.loads(lines[-1][7:]))
             out.write_text(json.dumps(dict(machine=ev.machine(), command=" ".join(sys.argv), results=rows), indent=2))
-    print(f"SmolLM2-135M float32 decode, {ev.machine()}; median ms per step over {args.steps} steps")
+    print(f"SmolLM2-135M float32 decode, {ev.machine()}, KVCOMPILE_KERNELS={os.environ.get('KVCOMPILE_KERNELS', 'auto')}; "
+          f"median ms per step over {args.steps} steps")
     print(f"{'shape':>8} {'setting':<34} {'ms/step':>9} {'vs inductor':>12} {'TTFT s':>8} {'warm-up s':>10} {'KV MB':>8}")
     for r in rows:
         if "error" in r:
@@ -118,6 +157,17 @@ def main() -> None:
         rel = f"{r['ms_per_step'] / base[0]['ms_per_step']:.2f}x" if base else "-"
         print(f"{r['batch']}x{r['context']:<6} {r['setting']:<34} {r['ms_per_step']:>9.1f} {rel:>12} "
               f"{r['ttft_s']:>8.1f} {r['warmup_s']:>10.1f} {r['kv_bytes'] / 1e6:>8.1f}")
+    if args.profile:
+        print(f"\nper decode step, under torch.profiler ({PROFILED} steps):")
+        print(f"{'shape':>8} {'setting':<34} {'graphs':>6} {'kvquant ops':>11} {'aten ops':>8} {'lookups':>7} "
+              f"{'allocs':>6} {'alloc MB':>8}  top self time (ms)")
+        for r in rows:
+            if "graph_calls" in r:
+                top = ", ".join(f"{k.replace('## Call CompiledFxGraph', 'graph')[:28]} {v:.1f}"
+                                for k, v in list(r["self_ms"].items())[:4])
+                print(f"{r['batch']}x{r['context']:<6} {r['setting']:<34} {r['graph_calls']:>6.0f} "
+                      f"{sum(r['kvquant_calls'].values()):>11.0f} {r['aten_calls']:>8.0f} {r['dynamo_lookups']:>7.0f} "
+                      f"{r['allocations']:>6.0f} {r['alloc_mb']:>8.1f}  {top}")
 
 
 if __name__ == "__main__":

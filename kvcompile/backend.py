@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import warnings
 from typing import Any, Callable, List, Mapping, Optional
@@ -38,7 +37,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: List[Any], config: Config)
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    if os.environ.get("KVCOMPILE_KERNELS") != "cpu":
+    from .ops import kernels
+
+    if kernels() != "inline":
         return compile_fx(gm, example_inputs)
     from torch._inductor.decomposition import select_decomp_table
 

@@ -2,6 +2,8 @@
 
     kvquant demo     generate from a long prompt with full precision, kivi-4 and kivi-2 on SmolLM2-135M:
                      the texts, KV-cache bytes, compression and time per token
+    kvquant bench    decode throughput at a fixed KV-cache memory budget on SmolLM2-135M: the largest batch
+                     each setting fits and the tokens/s it reaches (a table and a PNG plot)
     kvquant eval     decode perplexity (prefill, then one token at a time), greedy agreement and
                      stored bits per element on SmolLM2-135M or Gemma-3-270M (Jargon File text)
 """
@@ -90,6 +92,45 @@ def demo(args: argparse.Namespace) -> None:
                       f, indent=2)
 
 
+def bench(args: argparse.Namespace) -> None:
+    from . import evaluate as ev
+
+    names = _settings(args.settings)
+    budget = int(args.budget_mib * 2**20)
+    print(f"loading SmolLM2-135M-Instruct (float32) on {ev.machine()} ...", flush=True)
+    model, tok = ev.load_smollm2()
+    print(f"KV-cache budget {args.budget_mib:g} MiB, context {args.context} tokens, settings {', '.join(names)}: each "
+          f"setting at 1, 1/4, 1/2 and all of the largest batch it fits (the first point of each compiles)",
+          flush=True)
+    ids = tok(ev.long_prompt(tok, args.context), return_tensors="pt").input_ids[:, :args.context]
+    points = ev.fixed_budget(model, ids, {n: ev.SETTINGS[n] for n in names}, budget, args.steps, progress=_bar())
+    title = (f"SmolLM2-135M float32 decode at a {args.budget_mib:g} MiB KV budget, {args.context}-token context, "
+             f"{ev.machine()}")
+    print(f"\n{title}; median of {args.steps} steps per point")
+    print(f"{'setting':<8} {'batch':>5} {'ms/step':>9} {'tokens/s':>9} {'KV bytes':>13}")
+    for p in points:
+        print(f"{p.name:<8} {p.batch:>5} {p.ms_per_step:>9.1f} {p.tokens_per_s:>9.1f} {p.kv_bytes:>13,}")
+    print("\nat the largest batch each fits:\n" + ev.budget_table(points))
+    if ev.budget_plot(points, budget, title, args.png):
+        print(f"plot: {args.png}")
+    else:
+        print("no plot: matplotlib is not installed (pip install matplotlib)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": ev.machine(), "budget_bytes": budget, "context": args.context, "steps": args.steps,
+                       "command": " ".join(sys.argv), "points": [vars(p) for p in points]}, f, indent=2)
+
+
+def _bar():
+    """A progress bar on stderr over the points of all settings, one per line of a setting."""
+    def show(name: str, done: int, total: int) -> None:
+        bar = "#" * done + "." * (total - done)
+        end = "\n" if done == total else ""
+        print(f"\r  [{name}] [{bar}] {done}/{total} batch points", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
 def add_study_options(p: argparse.ArgumentParser, settings: str) -> None:
     """The options `kvquant eval` and benchmarks/accuracy.py share: evaluate.study's arguments."""
     from .evaluate import BASELINES, DEFAULT_TEXT, SETTINGS
@@ -153,6 +194,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     d.add_argument("--settings", default="fp,kivi-4,kivi-2", help=f"comma-separated, from: {names}")
     d.add_argument("--json", help="also write the results here")
     d.set_defaults(fn=demo)
+    b = sub.add_parser("bench", help="decode throughput at a fixed KV-cache memory budget (KIVI's headline)")
+    b.add_argument("--budget-mib", type=float, default=1024, help="the KV-cache memory budget, MiB")
+    b.add_argument("--context", type=int, default=2048, help="tokens of prompt in every sequence")
+    b.add_argument("--settings", default="fp,kivi-2,kivi-4,int8", help=f"comma-separated, the first the baseline, "
+                                                                      f"from: {names}")
+    b.add_argument("--steps", type=int, default=6, help="timed decode steps per point")
+    b.add_argument("--png", default="kvquant_bench.png", help="where the plot goes")
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(fn=bench)
     e = sub.add_parser("eval", help="decode perplexity, greedy agreement and bits per element on a real model "
                                     "(benchmarks/accuracy.py runs the full study)")
     e.add_argument("--model", default="smollm2", choices=list(MODELS))

@@ -213,6 +213,119 @@ def long_prompt(tok, context: int, text: str = DEFAULT_TEXT) -> str:
     return tok.decode(ids) + "\n\nIn a short essay, explain what this text says about hacker culture."
 
 
+# -- decode throughput at a fixed KV-cache budget (KIVI's headline) --------------------------------------
+
+
+@dataclass
+class BudgetPoint:
+    name: str
+    batch: int
+    max_batch: int  # the largest batch whose cache fits the budget
+    bytes_per_sequence: int  # the cache of one sequence after the context and the timed steps
+    kv_bytes: int  # the cache held after this point's steps, all sequences
+    ms_per_step: float
+    tokens_per_s: float
+
+
+def budget_batches(max_batch: int) -> List[int]:
+    """The batches a setting is measured at: 1, a quarter, a half and all of the largest that fits."""
+    return sorted({b for b in (1, max_batch // 4, max_batch // 2, max_batch) if b >= 1})
+
+
+@torch.no_grad()
+def fixed_budget(model, ids: torch.Tensor, settings: Dict[str, Optional[dict]], budget: int, steps: int = 6,
+                 warmup: int = 3, progress: Optional[Callable[[str, int, int], None]] = None,
+                 compile_fn: Callable = compiled) -> List[BudgetPoint]:
+    """For each setting (name -> backend options, as SETTINGS), the largest batch whose KV cache fits `budget`
+    bytes after a prompt `ids` [1, context] and the decode steps, and the decode throughput (tokens/s, all
+    sequences) at budget_batches of it. compile_fn(model, options) compiles (evaluate.compiled).
+
+    Every point prefills the one sequence and repeats its cache along
+    the batch (DynamicCache.batch_repeat_interleave: a KVState repeats its packed storage), so the points
+    differ only in the batch decode runs at; then `warmup` decode steps (they compile: another batch is
+    another graph until the batch is dynamic) and the median of `steps` timed ones. The bytes of one
+    sequence are measured at batch 1 (cache_nbytes after its steps), and a point's own cache is checked
+    against the budget. progress(stage, done, total) is called after every point."""
+    import statistics
+
+    from transformers import DynamicCache
+
+    points: List[BudgetPoint] = []
+    for name, options in settings.items():
+        torch._dynamo.reset()
+        fn = compile_fn(model, options)
+
+        def run(batch: int) -> Tuple[float, int]:
+            cache = DynamicCache()
+            out = fn(input_ids=ids, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(batch)
+            nxt = out.logits[:, -1:].argmax(-1).repeat(batch, 1)
+            times = []
+            for _ in range(warmup + steps):
+                t = time.perf_counter()
+                nxt = fn(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                times.append(time.perf_counter() - t)
+            return statistics.median(times[warmup:]), cache_nbytes(cache)
+
+        step, per_seq = run(1)
+        max_batch = budget // per_seq
+        if max_batch < 1:
+            raise ValueError(f"{name}: one sequence of {ids.shape[1]} tokens holds {per_seq:,} bytes of KV cache, over "
+                             f"the budget of {budget:,} bytes")
+        batches = budget_batches(max_batch)
+        for i, batch in enumerate(batches):
+            if batch > 1:
+                step, held = run(batch)
+                if held > budget:
+                    raise AssertionError(f"{name} at batch {batch}: {held:,} bytes held, over the budget {budget:,}")
+            else:
+                held = per_seq
+            points.append(BudgetPoint(name, batch, max_batch, per_seq, held, step * 1e3, batch / step))
+            if progress is not None:
+                progress(name, i + 1, len(batches))
+    return points
+
+
+def budget_table(points: List[BudgetPoint]) -> str:
+    """The largest batch each setting fits and its throughput, against the first setting's (full precision)."""
+    best = {p.name: p for p in points if p.batch == p.max_batch}
+    base = next(iter(best.values()))
+    lines = [f"{'setting':<8} {'bytes/seq':>12} {'max batch':>9} {'ms/step':>9} {'tokens/s':>9} {'vs ' + base.name:>9}"]
+    for p in best.values():
+        lines.append(f"{p.name:<8} {p.bytes_per_sequence:>12,} {p.max_batch:>9} {p.ms_per_step:>9.1f} "
+                     f"{p.tokens_per_s:>9.1f} {p.tokens_per_s / base.tokens_per_s:>8.2f}x")
+    return "\n".join(lines)
+
+
+def budget_plot(points: List[BudgetPoint], budget: int, title: str, path: str) -> bool:
+    """Throughput vs batch, one line per setting, the largest batch that fits the budget marked on each;
+    False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(p.name for p in points):
+        mine = [p for p in points if p.name == name]
+        line, = ax.plot([p.batch for p in mine], [p.tokens_per_s for p in mine], marker="o", label=name)
+        last = mine[-1]
+        ax.annotate(f"max batch {last.max_batch}", (last.batch, last.tokens_per_s), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8, color=line.get_color())
+    ax.set_xlabel(f"batch (sequences); each line ends at the largest batch a {budget / 2**30:.2f} GiB KV cache holds")
+    ax.set_ylabel("decode tokens/s (all sequences)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # -- the accuracy study --------------------------------------------------------------------------------
 
 

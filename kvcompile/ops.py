@@ -19,17 +19,57 @@ from torch._dynamo.utils import counters
 from .kernels import reference as ref
 from .layout import PAD, Layout, Packed
 
-KERNELS = ("auto", "triton", "torch", "cpu")
+KERNELS = ("auto", "triton", "torch", "cpu", "inline")
 
 
-def use_triton(t: Tensor, *packed: Packed) -> bool:
-    """Triton kernels on CUDA, the torch reference elsewhere. KVCOMPILE_KERNELS=triton forces the
-    kernels (on a CPU: with TRITON_INTERPRET=1, for tests), =torch forces the reference; =cpu takes the
-    Inductor-compiled CPU decode attention (kernels/cpu.py) where it applies, the reference elsewhere."""
+def kernels() -> str:
+    """KVCOMPILE_KERNELS, which implementation the ops take:
+      auto    (default) Triton kernels on CUDA; on the CPU the compiled decode attention (kernels/cpu.py)
+              where it serves the call, the torch reference for everything else
+      cpu     the same on the CPU; the reference on CUDA
+      inline  as cpu, and with the inductor compiler the decode attention is compiled into the model's own
+              graph (a decomposition of kvquant::attention: no call per layer, but minutes of compiling)
+      triton  the Triton kernels everywhere (on a CPU: with TRITON_INTERPRET=1, for tests)
+      torch   the torch reference everywhere"""
     mode = os.environ.get("KVCOMPILE_KERNELS", "auto")
     if mode not in KERNELS:
         raise ValueError(f"KVCOMPILE_KERNELS must be one of {', '.join(KERNELS)}; got {mode!r}")
+    return mode
+
+
+def use_triton(t: Tensor, *packed: Packed) -> bool:
+    """Whether the Triton kernels run for tensors on t's device (kernels())."""
+    mode = kernels()
     return mode == "triton" or (mode == "auto" and t.is_cuda)
+
+
+_CPU_FAILED: set = set()  # layout pairs whose compiled CPU attention failed: the reference serves them
+
+
+def _cpu_attention(q: Tensor, k: Packed, v: Packed, attn_mask, dropout_p, is_causal, scale) -> Optional[Tensor]:
+    """The CPU's compiled decode attention where it serves the call (None where it does not). If it fails to
+    compile, a KVQuantWarning says so and the reference serves that pair of layouts from then on."""
+    if kernels() not in ("auto", "cpu", "inline") or q.device.type != "cpu":
+        return None
+    from .kernels import cpu
+
+    if (k.layout, v.layout) in _CPU_FAILED or not cpu.usable(q, k, v, dropout_p):
+        return None
+    try:
+        out = cpu.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    except Exception as e:  # noqa: BLE001 - Inductor's own failure: the reference computes the same attention
+        import warnings
+
+        from .errors import KVQuantWarning
+
+        _CPU_FAILED.add((k.layout, v.layout))
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        warnings.warn(KVQuantWarning(f"the CPU's compiled decode attention failed for layouts {k.layout.key} / "
+                                     f"{v.layout.key} ({msg}); the torch reference reads them instead (still "
+                                     f"quantized; KVCOMPILE_KERNELS=torch takes it everywhere)"))
+        return None
+    _count("cpu_attention_calls")
+    return out
 
 
 def _count(name: str) -> None:
@@ -206,12 +246,9 @@ def _attention_op(
 
         _count("triton_attention_calls")
         return triton_attention.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    if os.environ.get("KVCOMPILE_KERNELS") == "cpu":
-        from .kernels import cpu
-
-        if cpu.usable(q, k, v, dropout_p):
-            _count("cpu_attention_calls")
-            return cpu.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    out = _cpu_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)
+    if out is not None:
+        return out
     return ref.attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                          enable_gqa=enable_gqa)
 

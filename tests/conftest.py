@@ -16,6 +16,12 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))  # the example decoders
 
+# The suite runs the ops' torch reference unless a test asks for other kernels (monkeypatch.setenv): the
+# CPU's default, the compiled decode attention (kernels/cpu.py), compiles C++ for every pair of layouts a
+# call meets, minutes over the suite's hundreds of configurations. Its own tests set KVCOMPILE_KERNELS
+# themselves (test_kernels.py, test_backend.py).
+os.environ.setdefault("KVCOMPILE_KERNELS", "torch")
+
 # Inductor's on-disk cache can replay code compiled against an older op implementation.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kvcompile-inductor-"))
 

@@ -208,6 +208,28 @@ def test_report_and_counters():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernels, compiler", [("auto", "inductor"), ("inline", "inductor")])
+def test_cpu_decode_attention_end_to_end(kernels, compiler, monkeypatch):
+    """The CPU's default kernels: decode reads the packed cache through the compiled attention of
+    kernels/cpu.py (a call per layer; with KVCOMPILE_KERNELS=inline, compiled into the model's graph), within
+    rounding of the reference ops' decode (KVCOMPILE_KERNELS=torch)."""
+    options = dict(method="kivi", bits=2, compiler=compiler, **SMALL)
+    model = tiny("llama")
+    ids = _ids(2, n=16)
+    monkeypatch.setenv("KVCOMPILE_KERNELS", "torch")
+    ref = decode(_compiled(model, **options), ids, 3)
+    torch._dynamo.reset()
+    monkeypatch.setenv("KVCOMPILE_KERNELS", kernels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kvcompile.KVQuantWarning)  # no fallback to the reference
+        got = decode(_compiled(model, **options), ids, 3)
+    calls = counters["kvquant"]["cpu_attention_calls"]
+    assert calls == 0 if kernels == "inline" else calls >= 2 * 13  # 2 layers x 13 decode steps (inline: in the graph)
+    err_ref, err_fp = max_abs_diff(got, ref), max_abs_diff(got, decode(model, ids, 3))
+    assert err_ref < 1e-4 and err_ref < 1e-2 * err_fp, (err_ref, err_fp)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_triton_kernels_end_to_end(attn, monkeypatch):
     """The Triton kernels (interpreted on a CPU) behind the compiled model: the backend picks them on

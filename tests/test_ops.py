@@ -152,8 +152,9 @@ def test_which_reads_take_the_triton_kernels(monkeypatch):
     assert ops.use_triton(t, p._replace(skip=1))
     monkeypatch.setenv("KVCOMPILE_KERNELS", "torch")
     assert not ops.use_triton(t, p)
-    monkeypatch.setenv("KVCOMPILE_KERNELS", "cpu")  # the compiled CPU path, not Triton
-    assert not ops.use_triton(t, p)
+    for mode in ("auto", "cpu", "inline"):  # on a CPU tensor: the compiled CPU path, not Triton
+        monkeypatch.setenv("KVCOMPILE_KERNELS", mode)
+        assert not ops.use_triton(t, p)
     monkeypatch.setenv("KVCOMPILE_KERNELS", "gpu")
-    with pytest.raises(ValueError, match="KVCOMPILE_KERNELS must be one of auto, triton, torch, cpu; got 'gpu'"):
+    with pytest.raises(ValueError, match="KVCOMPILE_KERNELS must be one of auto, triton, torch, cpu, inline; got 'gpu'"):
         ops.use_triton(t)

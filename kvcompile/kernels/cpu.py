@@ -1,10 +1,12 @@
-"""Decode attention over the packed cache on the CPU, compiled by Inductor: the CPU's fast path, opt-in
-for now (KVCOMPILE_KERNELS=cpu: its first compile is slow, see README); the torch reference,
-reference.attention, stays the oracle and the default.
+"""Decode attention over the packed cache on the CPU, compiled by Inductor: the CPU's default for the calls
+it serves (usable); the torch reference, reference.attention, stays the oracle, and serves every other call
+(KVCOMPILE_KERNELS=torch everywhere; ops.kernels lists the modes).
 
-Two ways in: with the inductor compiler, `decompose_attention` writes kvquant::attention as the torch
-ops below inside the model's own graph (no call of its own per layer); with the eager compilers the op
-calls `attention`, which compiles them once per layout pair (a nested torch.compile).
+Two ways in: the op calls `attention`, which compiles the torch ops below once per pair of layouts (a
+nested torch.compile, shared by every layer: seconds to compile, tens of microseconds per call); with
+KVCOMPILE_KERNELS=inline and the inductor compiler, `decompose_attention` writes kvquant::attention as the
+same ops inside the model's own graph instead (no call per layer, but every layer's attention is compiled
+on its own symbolic sizes: sympy-bound, about 10-20 s per layer and graph on a 2-core CPU).
 
 The reference dequantizes the whole cache to full precision, then calls SDPA: it reads the packed
 bytes, writes a full-precision copy and reads that again. Here attention is written as reductions over
@@ -232,10 +234,26 @@ def usable(q: Tensor, k: Packed, v: Packed, dropout_p: float, queries: Optional[
             and (k.layout.quantized or v.layout.quantized))
 
 
+def _tokens_only_dynamic(*tensors: Optional[Tensor]) -> None:
+    """Mark every dim but the last-but-one of the packed tensors (their rows: tokens, or token groups) and
+    the last of a mask (the keys) static, so that a compiled graph is dynamic in the cache's length only, as
+    decode needs it: a graph that has also met another batch size would be dynamic in the batch and heads
+    too, and its loops run several times slower (benchmarks/bench_cpu_attention.py). Another batch size
+    compiles a graph of its own (static dims recompile when they change)."""
+    for i, t in enumerate(tensors):
+        if t is None or t.dim() == 0:
+            continue
+        dynamic = {t.dim() - 1} if i == len(tensors) - 1 else {2} if i > 0 else set()
+        for d in range(t.dim()):
+            if d not in dynamic:
+                torch._dynamo.mark_static(t, d)
+
+
 def attention(q: Tensor, k: Packed, v: Packed, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
               scale: Optional[float] = None) -> Tensor:
     """SDPA of q [B, Hq, L, D] over packed keys and values (Hkv divides Hq) -> [B, Hq, L, Dv]."""
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    _tokens_only_dynamic(q, *k.tensors, *v.tensors, attn_mask)
     # graphs per layout pair, mask kind and dtype: more than Dynamo's default 8 in a process that mixes them
     limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     with torch._dynamo.config.patch(recompile_limit=limit):
