@@ -212,17 +212,22 @@ def test_report_and_counters():
 def test_cpu_decode_attention_end_to_end(kernels, compiler, monkeypatch):
     """The CPU's default kernels: decode reads the packed cache through the compiled attention of
     kernels/cpu.py (a call per layer; with KVCOMPILE_KERNELS=inline, compiled into the model's graph), within
-    rounding of the reference ops' decode (KVCOMPILE_KERNELS=torch)."""
+    rounding of the reference ops' decode (KVCOMPILE_KERNELS=torch). The nested call compiles no more model
+    graphs than the reference does (one that marked the cache's tensors would fail the model graph's guards);
+    inline does: its decomposition relates the keys' and values' lengths (broadcasts), guards of the graph."""
     options = dict(method="kivi", bits=2, compiler=compiler, **SMALL)
     model = tiny("llama")
     ids = _ids(2, n=16)
     monkeypatch.setenv("KVCOMPILE_KERNELS", "torch")
+    graphs = counters["kvquant"]["graphs"]
     ref = decode(_compiled(model, **options), ids, 3)
+    ref_graphs, graphs = counters["kvquant"]["graphs"] - graphs, counters["kvquant"]["graphs"]
     torch._dynamo.reset()
     monkeypatch.setenv("KVCOMPILE_KERNELS", kernels)
     with warnings.catch_warnings():
         warnings.simplefilter("error", kvcompile.KVQuantWarning)  # no fallback to the reference
         got = decode(_compiled(model, **options), ids, 3)
+    assert kernels == "inline" or counters["kvquant"]["graphs"] - graphs == ref_graphs
     calls = counters["kvquant"]["cpu_attention_calls"]
     assert calls == 0 if kernels == "inline" else calls >= 2 * 13  # 2 layers x 13 decode steps (inline: in the graph)
     err_ref, err_fp = max_abs_diff(got, ref), max_abs_diff(got, decode(model, ids, 3))

@@ -36,6 +36,7 @@ reading the cache; a longer prefill keeps the reference's SDPA.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Optional
 
 import torch
@@ -179,10 +180,17 @@ def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: 
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(lk: Layout, lv: Layout):
-    """The attention for one pair of layouts, compiled: the layouts are constants of the graph (their
-    group sizes and bits fix the loop bounds Inductor vectorises), the sizes that change every step are
-    dynamic after the first step (automatic dynamic shapes)."""
+def _compiled(lk: Layout, lv: Layout, sizes: tuple):
+    """The attention for one pair of layouts and one set of sizes that do not change during a generation
+    (`_sizes`: batch, heads, head dims, queries, dtypes, the mask's leading dims), compiled. The layouts are
+    constants of the graph (their group sizes and bits fix the loop bounds Inductor vectorises; under
+    dynamic=True they would be symbolic too, and nothing vectorises); the token counts and lengths become
+    dynamic once they change (automatic dynamic shapes), and nothing else can: the function has a code
+    object of its own, and Dynamo keeps what it saw change per code object. Shared, a graph that had met
+    two batch sizes would be dynamic in the batch and heads too, and its loops run several times slower
+    (benchmarks/bench_cpu_attention.py). Marking those dims static instead (torch._dynamo.mark_static) would
+    mark the cache's own tensors, which the model's graph takes too: its guards would fail and the whole
+    model compile again."""
 
     for lay in (lk, lv):  # tables a format decodes with, made now: inputs of the graph, not computed in it
         if lay.quantized and lay.fmt.levels is not None:
@@ -191,7 +199,15 @@ def _compiled(lk: Layout, lv: Layout):
     def attend(q, kt, k_nq, k_skip, vt, v_nq, v_skip, mask, is_causal, scale):
         return _attend(q, Packed(*kt, lk, k_nq, k_skip), Packed(*vt, lv, v_nq, v_skip), mask, is_causal, scale)
 
-    return torch.compile(attend, fullgraph=True)
+    own = types.FunctionType(attend.__code__.replace(), attend.__globals__, attend.__name__, attend.__defaults__,
+                             attend.__closure__)
+    return torch.compile(own, fullgraph=True)
+
+
+def _sizes(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor]) -> tuple:
+    """What `_compiled` keeps static: every size but the tokens', and the dtypes."""
+    return (tuple(q.shape), q.dtype, k.res.shape[:2], k.res.shape[-1], v.res.shape[-1], k.res.dtype,
+            None if mask is None else (mask.dtype, tuple(mask.shape[:-1])))
 
 
 def _static_int(n) -> Optional[int]:
@@ -234,28 +250,17 @@ def usable(q: Tensor, k: Packed, v: Packed, dropout_p: float, queries: Optional[
             and (k.layout.quantized or v.layout.quantized))
 
 
-def _tokens_only_dynamic(*tensors: Optional[Tensor]) -> None:
-    """Mark every dim but the last-but-one of the packed tensors (their rows: tokens, or token groups) and
-    the last of a mask (the keys) static, so that a compiled graph is dynamic in the cache's length only, as
-    decode needs it: a graph that has also met another batch size would be dynamic in the batch and heads
-    too, and its loops run several times slower (benchmarks/bench_cpu_attention.py). Another batch size
-    compiles a graph of its own (static dims recompile when they change)."""
-    for i, t in enumerate(tensors):
-        if t is None or t.dim() == 0:
-            continue
-        dynamic = {t.dim() - 1} if i == len(tensors) - 1 else {2} if i > 0 else set()
-        for d in range(t.dim()):
-            if d not in dynamic:
-                torch._dynamo.mark_static(t, d)
-
-
 def attention(q: Tensor, k: Packed, v: Packed, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
               scale: Optional[float] = None) -> Tensor:
     """SDPA of q [B, Hq, L, D] over packed keys and values (Hkv divides Hq) -> [B, Hq, L, Dv]."""
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    _tokens_only_dynamic(q, *k.tensors, *v.tensors, attn_mask)
-    # graphs per layout pair, mask kind and dtype: more than Dynamo's default 8 in a process that mixes them
+    fn = _compiled(k.layout, v.layout, _sizes(q, k, v, attn_mask))
+    args = (q, k.tensors, k.nq, k.skip, v.tensors, v.nq, v.skip, attn_mask, bool(is_causal), s)
+    # Below ADInplaceOrView, as an op's kernel runs when the dispatcher reaches it: Dynamo guards each
+    # tensor's dispatch keys with the thread's excluded keys applied, and the op is reached both through
+    # the autograd keys and without them (a compiled graph's first run); each way would compile its own
+    # graph. The recompile limit: graphs per mask kind and sliding window, more than Dynamo's default 8
+    # in a process that mixes them.
     limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    with torch._dynamo.config.patch(recompile_limit=limit):
-        return _compiled(k.layout, v.layout)(q, k.tensors, k.nq, k.skip, v.tensors, v.nq, v.skip, attn_mask,
-                                             bool(is_causal), s)
+    with torch._C._AutoDispatchBelowADInplaceOrView(), torch._dynamo.config.patch(recompile_limit=limit):
+        return fn(*args)
