@@ -43,33 +43,46 @@ def use_triton(t: Tensor, *packed: Packed) -> bool:
     return mode == "triton" or (mode == "auto" and t.is_cuda)
 
 
-_CPU_FAILED: set = set()  # layout pairs whose compiled CPU attention failed: the reference serves them
+_CPU_FAILED: set = set()  # (kernel, layouts) whose compiled CPU kernel failed: the reference serves them
 
 
-def _cpu_attention(q: Tensor, k: Packed, v: Packed, attn_mask, dropout_p, is_causal, scale) -> Optional[Tensor]:
-    """The CPU's compiled decode attention where it serves the call (None where it does not). If it fails to
-    compile, a KVQuantWarning says so and the reference serves that pair of layouts from then on."""
-    if kernels() not in ("auto", "cpu", "inline") or q.device.type != "cpu":
+def _cpu(t: Tensor) -> bool:
+    """Whether the CPU's compiled kernels (kernels/cpu.py) may serve an op on t (kernels())."""
+    return kernels() in ("auto", "cpu", "inline") and t.device.type == "cpu" and not t.requires_grad
+
+
+def _cpu_kernel(name: str, layouts: Tuple[Layout, ...], *args) -> Optional[Tensor]:
+    """kernels/cpu.<name>(*args), one of the CPU's compiled kernels; None if it failed to compile: a
+    KVQuantWarning says so and the reference serves those layouts from then on (the same arithmetic)."""
+    if (name, layouts) in _CPU_FAILED:
         return None
     from .kernels import cpu
 
-    if (k.layout, v.layout) in _CPU_FAILED or not cpu.usable(q, k, v, dropout_p):
-        return None
     try:
-        out = cpu.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    except Exception as e:  # noqa: BLE001 - Inductor's own failure: the reference computes the same attention
+        out = getattr(cpu, name)(*args)
+    except Exception as e:  # noqa: BLE001 - Inductor's own failure: the reference computes the same thing
         import warnings
 
         from .errors import KVQuantWarning
 
-        _CPU_FAILED.add((k.layout, v.layout))
+        _CPU_FAILED.add((name, layouts))
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        warnings.warn(KVQuantWarning(f"the CPU's compiled decode attention failed for layouts {k.layout.key} / "
-                                     f"{v.layout.key} ({msg}); the torch reference reads them instead (still "
-                                     f"quantized; KVCOMPILE_KERNELS=torch takes it everywhere)"))
+        warnings.warn(KVQuantWarning(f"the CPU's compiled {name} failed for layouts "
+                                     f"{' / '.join(lay.key for lay in layouts)} ({msg}); the torch reference "
+                                     f"serves them instead (still quantized; KVCOMPILE_KERNELS=torch takes it "
+                                     f"everywhere)"))
         return None
-    _count("cpu_attention_calls")
+    _count(f"cpu_{name}_calls")
     return out
+
+
+def _cpu_attention(q: Tensor, k: Packed, v: Packed, attn_mask, dropout_p, is_causal, scale) -> Optional[Tensor]:
+    """The CPU's compiled decode attention where it serves the call (None where it does not)."""
+    from .kernels import cpu
+
+    if not _cpu(q) or not cpu.usable(q, k, v, dropout_p):
+        return None
+    return _cpu_kernel("attention", (k.layout, v.layout), q, k, v, attn_mask, is_causal, scale)
 
 
 def _count(name: str) -> None:
@@ -77,7 +90,7 @@ def _count(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# writes: compact_ (residual -> packed rows), grow, write_ (static buffers), append
+# writes: compact_ (residual -> packed rows), grow, write_ (static buffers)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -95,7 +108,7 @@ def _compact_op(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: s
             _count("triton_quantize_calls")
             triton_quantize.quantize(r[:, :, :n], lay, out=(codes, scale, mn), row=row, scale_row=srow)
         else:
-            c, s, m = ref.quantize(r[:, :, :n], lay)
+            c, s, m = _quantized(r[:, :, :n], lay)
             codes[:, :, row:row + n] = c
             scale[:, :, srow:srow + s.shape[2]] = s
             mn[:, :, srow:srow + m.shape[2]] = m
@@ -150,7 +163,8 @@ def _quantized(x: Tensor, lay: Layout) -> Tuple[Tensor, Tensor, Tensor]:
 
         _count("triton_quantize_calls")
         return triton_quantize.quantize(x, lay)
-    return ref.quantize(x, lay)
+    out = _cpu_kernel("quantize", (lay,), x, lay) if _cpu(x) and x.shape[2] > 0 else None
+    return ref.quantize(x, lay) if out is None else out
 
 
 @torch.library.custom_op("kvquant::quantize", mutates_args=())
@@ -194,18 +208,6 @@ def write_(p: Packed, new: Tensor, pos: Tensor) -> None:
     positions `pos` [L] of the packed storage, in place (a fixed-size buffer: StaticCache): the Triton
     quantizer where the kernels run (use_triton), then an index_copy_ of the rows."""
     _write_op(p.codes, p.scale, p.mn, p.layout.key, new, pos)
-
-
-@torch.library.custom_op("kvquant::append", mutates_args=())
-def append(res: Tensor, new: Tensor) -> Tensor:
-    """The residual [B, H, Nr, D] with new tokens [B, H, L, D] appended (in the residual's dtype)."""
-    return torch.cat([res, new.to(res.dtype)], dim=2)
-
-
-@append.register_fake
-def _(res: Tensor, new: Tensor) -> Tensor:
-    B, H, Nr, D = res.shape
-    return res.new_empty((B, H, Nr + new.shape[2], D))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -611,6 +611,26 @@ def test_cpu_decode_attention_matches_float64(k_layout, v_layout, mask_kind, L):
                             f"cpu attention {k_layout.format}/{v_layout.format} {mask_kind} L={L} skip={skip_k},{skip_v}")
 
 
+@pytest.mark.slow  # a graph per layout and token count kind (static, then dynamic): seconds each
+@pytest.mark.parametrize("layout,dtype", [
+    (lay("kivi", 2, 32, TOKEN_AXIS), torch.float32), (lay("kivi", 4, 8, CHANNEL_AXIS), torch.bfloat16),
+    (lay("kivi", 2, 6, CHANNEL_AXIS), torch.float32), (lay("int8", 8, 16), torch.float16),
+    (lay("fp8", 8, 16), torch.float32), (lay("nf", 3, 8), torch.float32), (lay("nfh", 4, 16), torch.float32),
+])
+def test_cpu_quantize_bit_exact(layout, dtype):
+    """The CPU's compiled quantizer (kernels/cpu.py, the one compact_ and the static writes use) equals the
+    reference bit for bit, at the token counts a generation meets: the first call's graph is static, later
+    ones are dynamic in the tokens; a slice of a larger buffer, as the residual's oldest tokens are."""
+    from kvcompile.kernels import cpu
+
+    tokens = (32, 64, 96) if layout.axis == TOKEN_AXIS else (1, 5, 1, 17)
+    for i, n in enumerate(tokens):
+        x = make_x((2, 3, n, math.lcm(layout.group, 32)), dtype, "slice" if i % 2 else "contiguous", (1.0, 300.0, 1e-3, 1.0)[i], i)
+        got, want = cpu.quantize(x, layout), ref.quantize(x, layout)
+        for g, e, name in zip(got, want, ("codes", "scale", "mn")):
+            assert_exact(g, e, f"{name} ({layout}, {dtype}, {n} tokens)")
+
+
 @pytest.mark.parametrize("fmt,bits", [(f.name, b) for f in FORMATS.values() if f.dequantize for b in f.bits])
 def test_dequantize_is_linear_in_scale_and_minimum(fmt, bits):
     """The CPU path's algebra (kernels/cpu.py): deq(c, s, m) = deq(c, 1, 0) * s + m for every format, so

@@ -75,12 +75,6 @@ def test_compact_writes_in_place(axis, Nr, expect_n):
     assert_exact(full2[:, :, :8], full[:, :, :8], "older tokens")
 
 
-def test_append():
-    res, new = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 1, 8)
-    torch.library.opcheck(ops.append, (res, new))
-    assert torch.equal(ops.append(res, new), torch.cat([res, new], 2))
-
-
 SYMMETRIC = [("nf", 4, 4), ("nf", 3, 8), ("nf", 2, 4), ("int8", 8, 8), ("fp8", 8, 8), ("nfh", 4, 8), ("nfh", 3, 4)]
 
 

@@ -36,6 +36,7 @@ reading the cache; a longer prefill keeps the reference's SDPA.
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 from typing import Optional
 
@@ -179,29 +180,77 @@ def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: 
     return back(out.reshape(B, Hq, L, out.shape[-1])).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(lk: Layout, lv: Layout, sizes: tuple):
-    """The attention for one pair of layouts and one set of sizes that do not change during a generation
-    (`_sizes`: batch, heads, head dims, queries, dtypes, the mask's leading dims), compiled. The layouts are
-    constants of the graph (their group sizes and bits fix the loop bounds Inductor vectorises; under
-    dynamic=True they would be symbolic too, and nothing vectorises); the token counts and lengths become
-    dynamic once they change (automatic dynamic shapes), and nothing else can: the function has a code
-    object of its own, and Dynamo keeps what it saw change per code object. Shared, a graph that had met
-    two batch sizes would be dynamic in the batch and heads too, and its loops run several times slower
+def _tables(*layouts: Layout) -> None:
+    """Make the tables the layouts' formats decode with now: inputs of a compiled graph, not computed in it."""
+    for lay in layouts:
+        if lay.quantized and lay.fmt.levels is not None:
+            lay.fmt.levels(lay.bits, "cpu")
+
+
+_OWN = itertools.count()
+
+
+def _own(fn, **options):
+    """torch.compile of fn (Inductor `options`) with a code object of its own. Dynamo keeps what it saw change (automatic dynamic
+    shapes) per code object: shared by every key of a cache below, a graph that had met two batch sizes would
+    become dynamic in the batch and heads too, and its loops run several times slower
     (benchmarks/bench_cpu_attention.py). Marking those dims static instead (torch._dynamo.mark_static) would
     mark the cache's own tensors, which the model's graph takes too: its guards would fail and the whole
     model compile again."""
+    name = f"{fn.__name__}_{next(_OWN)}"  # Dynamo's state is keyed by the code's file, first line and name
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, fullgraph=True, options=options or None)
 
-    for lay in (lk, lv):  # tables a format decodes with, made now: inputs of the graph, not computed in it
-        if lay.quantized and lay.fmt.levels is not None:
-            lay.fmt.levels(lay.bits, "cpu")
+
+def _run(fn, *args):
+    """fn(*args) below ADInplaceOrView, as an op's kernel runs when the dispatcher reaches it: Dynamo guards
+    each tensor's dispatch keys with the thread's excluded keys applied, and an op is reached both through the
+    autograd keys and without them (a compiled graph's first run); each way would compile its own graph.
+    The recompile limit: graphs per mask kind, sliding window and token count, more than Dynamo's default 8
+    in a process that mixes them."""
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    with torch._C._AutoDispatchBelowADInplaceOrView(), torch._dynamo.config.patch(recompile_limit=limit):
+        return fn(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(lk: Layout, lv: Layout, sizes: tuple):
+    """The attention for one pair of layouts and one set of sizes that do not change during a generation
+    (`_sizes`: batch, heads, head dims, queries, dtypes, the mask's leading dims), compiled (`_own`). The
+    layouts are constants of the graph (their group sizes and bits fix the loop bounds Inductor vectorises;
+    under dynamic=True they would be symbolic too, and nothing vectorises); the token counts and lengths
+    become dynamic once they change, and nothing else can."""
+    _tables(lk, lv)
 
     def attend(q, kt, k_nq, k_skip, vt, v_nq, v_skip, mask, is_causal, scale):
         return _attend(q, Packed(*kt, lk, k_nq, k_skip), Packed(*vt, lv, v_nq, v_skip), mask, is_causal, scale)
 
-    own = types.FunctionType(attend.__code__.replace(), attend.__globals__, attend.__name__, attend.__defaults__,
-                             attend.__closure__)
-    return torch.compile(own, fullgraph=True)
+    return _own(attend)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_quantize(lay: Layout, sizes: tuple):
+    """reference.quantize for one layout, batch, heads, head dim and dtype, compiled (`_own`): the token
+    count alone becomes dynamic."""
+    _tables(lay)
+
+    def quantize(x):
+        if lay.axis == TOKEN_AXIS:  # [B, H, N / G, G, D]: a symbolic N would not be known to be whole groups
+            x = x.flatten(2, 3)
+        return ref.quantize(x, lay)
+
+    # the scale is rounded to the cache's dtype and read back in float32: Inductor would keep the float32
+    # value inside its loop (a half-precision scale's codes would differ from the reference's) unless told
+    return _own(quantize, emulate_precision_casts=True)
+
+
+def quantize(x: Tensor, lay: Layout):
+    """reference.quantize(x, lay) of x [B, H, N, D] on the CPU, compiled: the same float32 operations fused
+    into one loop nest (bit-exact to the reference: tests/test_kernels.py). A decode step quantizes a token or
+    a group of each layer's keys and values: a few microseconds of work in a dozen eager ops, ~130 us."""
+    fn = _compiled_quantize(lay, (tuple(x.shape[:2]), x.shape[-1], x.dtype))
+    return _run(fn, x.unflatten(2, (x.shape[2] // lay.group, lay.group)) if lay.axis == TOKEN_AXIS else x)
 
 
 def _sizes(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor]) -> tuple:
@@ -256,11 +305,4 @@ def attention(q: Tensor, k: Packed, v: Packed, attn_mask: Optional[Tensor] = Non
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
     fn = _compiled(k.layout, v.layout, _sizes(q, k, v, attn_mask))
     args = (q, k.tensors, k.nq, k.skip, v.tensors, v.nq, v.skip, attn_mask, bool(is_causal), s)
-    # Below ADInplaceOrView, as an op's kernel runs when the dispatcher reaches it: Dynamo guards each
-    # tensor's dispatch keys with the thread's excluded keys applied, and the op is reached both through
-    # the autograd keys and without them (a compiled graph's first run); each way would compile its own
-    # graph. The recompile limit: graphs per mask kind and sliding window, more than Dynamo's default 8
-    # in a process that mixes them.
-    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    with torch._C._AutoDispatchBelowADInplaceOrView(), torch._dynamo.config.patch(recompile_limit=limit):
-        return fn(*args)
+    return _run(fn, *args)
