@@ -160,7 +160,7 @@ class Layout(NamedTuple):
     @property
     def key(self) -> str:
         """The record as a string, for the torch.library ops (`from_key` gives it back)."""
-        return ",".join(f"{name}={value}" for name, value in zip(self._fields, self))
+        return _key(self)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -169,6 +169,11 @@ class Layout(NamedTuple):
         parse = {str: str, int: int, bool: lambda s: s == "True"}
         kinds = typing.get_type_hints(Layout)
         return Layout(**{name: parse[kinds[name]](fields[name]) for name in Layout._fields})
+
+
+@functools.lru_cache(maxsize=None)
+def _key(layout: Layout) -> str:  # made once: every op call of a decode step passes it
+    return ",".join(f"{name}={value}" for name, value in zip(layout._fields, layout))
 
 
 _FULL = slice(None, None, None)

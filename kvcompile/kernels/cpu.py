@@ -36,6 +36,7 @@ reading the cache; a longer prefill keeps the reference's SDPA.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import types
 from typing import Optional
@@ -188,6 +189,11 @@ def _tables(*layouts: Layout) -> None:
 
 
 _OWN = itertools.count()
+# The recompile limit of each compiled function: its graphs (per mask kind, sliding window and token count
+# kind) outnumber Dynamo's default 8 in a process that mixes them. torch.compile takes it in torch 2.13;
+# in an older torch `_run` raises the global limit around each call (a context manager: ~20 us per call).
+_LIMIT_KW = {"recompile_limit": RECOMPILE_LIMIT} if "recompile_limit" in inspect.signature(torch.compile).parameters \
+    else {}
 
 
 def _own(fn, **options):
@@ -200,18 +206,19 @@ def _own(fn, **options):
     name = f"{fn.__name__}_{next(_OWN)}"  # Dynamo's state is keyed by the code's file, first line and name
     code = fn.__code__.replace(co_name=name, co_qualname=name)
     own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    return torch.compile(own, fullgraph=True, options=options or None)
+    return torch.compile(own, fullgraph=True, options=options or None, **_LIMIT_KW)
 
 
 def _run(fn, *args):
     """fn(*args) below ADInplaceOrView, as an op's kernel runs when the dispatcher reaches it: Dynamo guards
     each tensor's dispatch keys with the thread's excluded keys applied, and an op is reached both through the
-    autograd keys and without them (a compiled graph's first run); each way would compile its own graph.
-    The recompile limit: graphs per mask kind, sliding window and token count, more than Dynamo's default 8
-    in a process that mixes them."""
-    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    with torch._C._AutoDispatchBelowADInplaceOrView(), torch._dynamo.config.patch(recompile_limit=limit):
-        return fn(*args)
+    autograd keys and without them (a compiled graph's first run); each way would compile its own graph."""
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        if _LIMIT_KW:
+            return fn(*args)
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)  # a torch without the argument
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return fn(*args)
 
 
 @functools.lru_cache(maxsize=None)
