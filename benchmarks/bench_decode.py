@@ -108,7 +108,7 @@ def worker(setting: str, batch: int, context: int, steps: int, profiled: bool = 
             step()
             times.append(time.perf_counter() - t)
         counts = profile_steps(step, PROFILED) if profiled else {}
-    kv = cache_nbytes(cache) if kind != "quanto" else ev.held_nbytes(cache)
+    kv = cache_nbytes(cache) if kind != "quanto" else ev.quantized_cache_nbytes(cache)
     return dict(setting=setting, batch=batch, context=context, ms_per_step=statistics.median(times[WARMUP:]) * 1e3,
                 warmup_s=sum(times[:WARMUP]), ttft_s=ttft, kv_bytes=kv, threads=torch.get_num_threads(),
                 kernels=os.environ.get("KVCOMPILE_KERNELS", "auto"), **counts)

@@ -358,14 +358,20 @@ def held_nbytes(obj) -> int:
     return 0
 
 
+def quantized_cache_nbytes(cache) -> int:
+    """Bytes a transformers QuantizedCache holds: each layer's packed keys and values and its full-precision
+    residual."""
+    return held_nbytes([(layer._quantized_keys, layer._quantized_values, layer.keys, layer.values)
+                        for layer in cache.layers])
+
+
 def _quantized_cache_bits(cache, model_config, batch: int) -> float:
-    """bits_per_element of a QuantizedCache: its packed states and full-precision residual, over
-    batch x KV heads x tokens seen x head_dim x 2 per layer."""
+    """bits_per_element of a QuantizedCache (quantized_cache_nbytes), over batch x KV heads x tokens seen x
+    head_dim x 2 per layer."""
     cfg = model_config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    held = [(layer._quantized_keys, layer._quantized_values, layer.keys, layer.values) for layer in cache.layers]
     elements = sum(2 * batch * cfg.num_key_value_heads * layer.cumulative_length * head_dim for layer in cache.layers)
-    return held_nbytes(held) * 8 / elements
+    return quantized_cache_nbytes(cache) * 8 / elements
 
 
 @dataclass

