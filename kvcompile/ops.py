@@ -2,9 +2,10 @@
 
 The functions of this module take `Packed` cache tensors (layout.py); the ops under them take the
 schema types torch.library allows: the inner tensors, the Layout as its key string, and the counts
-(`Packed.op_args` / `Packed.from_op`). Each op picks its implementation by device: the torch reference
-(kernels/reference.py) on the CPU, Triton kernels on CUDA. Outputs are contiguous and the fakes give
-exactly those shapes and strides.
+(`Packed.op_args` / `Packed.from_op`). Each op picks its implementation by device (`kernels()`): Triton
+kernels on CUDA; on the CPU the compiled decode attention and quantizer of kernels/cpu.py where they serve,
+else the torch reference (kernels/reference.py), the oracle of both. Outputs are contiguous and the fakes
+give exactly those shapes and strides.
 """
 
 from __future__ import annotations

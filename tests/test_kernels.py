@@ -625,7 +625,8 @@ def test_cpu_quantize_bit_exact(layout, dtype):
 
     tokens = (32, 64, 96) if layout.axis == TOKEN_AXIS else (1, 5, 1, 17)
     for i, n in enumerate(tokens):
-        x = make_x((2, 3, n, math.lcm(layout.group, 32)), dtype, "slice" if i % 2 else "contiguous", (1.0, 300.0, 1e-3, 1.0)[i], i)
+        memory, magnitude = "slice" if i % 2 else "contiguous", (1.0, 300.0, 1e-3, 1.0)[i]
+        x = make_x((2, 3, n, math.lcm(layout.group, 32)), dtype, memory, magnitude, i)
         got, want = cpu.quantize(x, layout), ref.quantize(x, layout)
         for g, e, name in zip(got, want, ("codes", "scale", "mn")):
             assert_exact(g, e, f"{name} ({layout}, {dtype}, {n} tokens)")
