@@ -2,13 +2,14 @@
 process: plain eager, plain Inductor, the kvquant backend (none, kivi-2, kivi-4, nqkv-4, int8) and
 transformers' QuantizedCache (quanto 4-bit, eager: the peer a user would otherwise pick).
 
-    python benchmarks/bench_decode.py [--shapes 1x512 1x4096 8x2048 16x4096] [--settings ...] [--steps 24]
+    python benchmarks/bench_decode.py [--shapes 1x512 1x4096 8x2048 16x4096] [--settings ...] [--steps 24] [--rounds 1]
 
 A worker prefills `context` tokens of the long prompt (evaluate.long_prompt, repeated per sequence) into
 a DynamicCache (or the QuantizedCache), then runs a manual decode loop: greedy next token, one forward
 of one token per step. The first steps compile every graph the loop meets (their time, and the
 prefill's, are reported as time to first token and warm-up); the median of the last `--steps` steps is
-the decode time. Settings run in the order given, one process each, so two never share the 2 cores.
+the decode time. Settings run in the order given, one process each, so two never share the 2 cores;
+`--rounds N` runs the whole list N times (settings interleaved) and reports medians over the rounds.
 Prints one table, writes JSON (incrementally, after every worker).
 
 `--profile` also runs PROFILED more steps under torch.profiler and reports, per decode step, what it
@@ -115,11 +116,38 @@ def worker(setting: str, batch: int, context: int, steps: int, profiled: bool = 
                 kernels=os.environ.get("KVCOMPILE_KERNELS", "auto"), **counts)
 
 
+def summarize(runs: list) -> list:
+    """One row per (shape, setting): the first round's row (its profile counts), with the median over rounds of
+    ms per step, TTFT and warm-up, and every round's ms per step (`ms_per_step_rounds`)."""
+    rows = {}
+    for r in runs:
+        key = (r["batch"], r["context"], r["setting"])
+        if "error" in r:
+            rows.setdefault(key, r)
+            continue
+        row = rows.get(key)
+        if row is None or "error" in row:
+            rows[key] = row = dict(r, ms_per_step_rounds=[], ttft_s_rounds=[], warmup_s_rounds=[])
+        for name in ("ms_per_step", "ttft_s", "warmup_s"):
+            row[name + "_rounds"].append(r[name])
+            row[name] = statistics.median(row[name + "_rounds"])
+    return list(rows.values())
+
+
+def relative(r: dict, rows: list, base: str) -> str:
+    """r's time per step over the `base` setting's at the same shape ("-" if that was not run)."""
+    same = [x for x in rows if x.get("setting") == base and x["batch"] == r["batch"] and x["context"] == r["context"]
+            and "ms_per_step" in x]
+    return f"{r['ms_per_step'] / same[0]['ms_per_step']:.2f}x" if same else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=["1x512", "1x4096", "8x2048", "16x4096"], help="BxT")
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every setting this many times, interleaved; report the median over rounds")
     ap.add_argument("--profile", action="store_true", help="also count what a decode step launches and allocates")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
     ap.add_argument("--worker", nargs=3, metavar=("SETTING", "BATCH", "CONTEXT"), help=argparse.SUPPRESS)
@@ -130,34 +158,36 @@ def main() -> None:
         return
     from kvcompile import evaluate as ev
 
-    rows = []
+    runs = []  # one row per worker
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for shape in args.shapes:
-        b, t = shape.split("x")
-        for setting in args.settings:
-            print(f"{shape} {setting} ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, __file__, "--steps", str(args.steps), *(["--profile"] if args.profile else []),
-                   "--worker", setting, b, t]
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
-            if run.returncode or not lines:
-                rows.append(dict(setting=setting, batch=int(b), context=int(t), error=run.stderr[-2000:]))
-            else:
-                rows.append(json.loads(lines[-1][7:]))
-            out.write_text(json.dumps(dict(machine=ev.machine(), command=" ".join(sys.argv), results=rows), indent=2))
+    for rnd in range(args.rounds):
+        for shape in args.shapes:
+            b, t = shape.split("x")
+            for setting in args.settings:
+                print(f"round {rnd + 1}/{args.rounds}: {shape} {setting} ...", file=sys.stderr, flush=True)
+                cmd = [sys.executable, __file__, "--steps", str(args.steps), *(["--profile"] if args.profile else []),
+                       "--worker", setting, b, t]
+                run = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+                if run.returncode or not lines:
+                    runs.append(dict(setting=setting, batch=int(b), context=int(t), error=run.stderr[-2000:]))
+                else:
+                    runs.append(json.loads(lines[-1][7:]))
+                rows = summarize(runs)
+                out.write_text(json.dumps(dict(machine=ev.machine(), command=" ".join(sys.argv), results=rows),
+                                          indent=2))
     print(f"SmolLM2-135M float32 decode, {ev.machine()}, KVCOMPILE_KERNELS={os.environ.get('KVCOMPILE_KERNELS', 'auto')}; "
-          f"median ms per step over {args.steps} steps")
-    print(f"{'shape':>8} {'setting':<34} {'ms/step':>9} {'vs inductor':>12} {'TTFT s':>8} {'warm-up s':>10} {'KV MB':>8}")
+          f"median ms per step over {args.steps} steps" + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
+    print(f"{'shape':>8} {'setting':<34} {'ms/step':>9} {'vs inductor':>12} {'vs eager':>9} {'TTFT s':>8} {'warm-up s':>10} {'KV MB':>8}  {'each round' if args.rounds > 1 else ''}")
     for r in rows:
         if "error" in r:
             print(f"{r['batch']}x{r['context']:<6} {r['setting']:<34} failed: {r['error'].splitlines()[-1:]}")
             continue
-        base = [x for x in rows if x.get("setting") == "inductor fp32" and x["batch"] == r["batch"]
-                and x["context"] == r["context"] and "ms_per_step" in x]
-        rel = f"{r['ms_per_step'] / base[0]['ms_per_step']:.2f}x" if base else "-"
-        print(f"{r['batch']}x{r['context']:<6} {r['setting']:<34} {r['ms_per_step']:>9.1f} {rel:>12} "
-              f"{r['ttft_s']:>8.1f} {r['warmup_s']:>10.1f} {r['kv_bytes'] / 1e6:>8.1f}")
+        print(f"{r['batch']}x{r['context']:<6} {r['setting']:<34} {r['ms_per_step']:>9.1f} "
+              f"{relative(r, rows, 'inductor fp32'):>12} {relative(r, rows, 'eager fp32'):>9} "
+              f"{r['ttft_s']:>8.1f} {r['warmup_s']:>10.1f} {r['kv_bytes'] / 1e6:>8.1f}  "
+              f"{' '.join(f'{x:.1f}' for x in r['ms_per_step_rounds']) if args.rounds > 1 else ''}")
     if args.profile:
         print(f"\nper decode step, under torch.profiler ({PROFILED} steps):")
         print(f"{'shape':>8} {'setting':<34} {'graphs':>6} {'kvquant ops':>11} {'aten ops':>8} {'lookups':>7} "

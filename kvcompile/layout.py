@@ -176,7 +176,7 @@ def _key(layout: Layout) -> str:  # made once: every op call of a decode step pa
     return ",".join(f"{name}={value}" for name, value in zip(layout._fields, layout))
 
 
-_FULL = slice(None, None, None)
+FULL = slice(None, None, None)  # a whole dim, as an index
 
 
 def index_dims(idx, ndim: int) -> Optional[tuple]:
@@ -187,8 +187,8 @@ def index_dims(idx, ndim: int) -> Optional[tuple]:
         return None
     if Ellipsis in idx:
         at = idx.index(Ellipsis)
-        idx = idx[:at] + (_FULL,) * (ndim - len(idx) + 1) + idx[at + 1:]
-    idx = idx + (_FULL,) * (ndim - len(idx))
+        idx = idx[:at] + (FULL,) * (ndim - len(idx) + 1) + idx[at + 1:]
+    idx = idx + (FULL,) * (ndim - len(idx))
     return idx if len(idx) == ndim else None
 
 

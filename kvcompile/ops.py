@@ -186,7 +186,9 @@ def _quantized(x: Tensor, lay: Layout) -> Tuple[Tensor, Tensor, Tensor]:
 
         _count("triton_quantize_calls")
         return triton_quantize.quantize(x, lay)
-    out = _cpu_kernel("quantize", (lay,), x, lay) if _cpu(x) and x.shape[2] > 0 else None
+    from .kernels import cpu
+
+    out = _cpu_kernel("quantize", (lay,), x, lay) if _cpu(x) and cpu.quantizes(x, lay) else None
     return ref.quantize(x, lay) if out is None else out
 
 

@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 from . import ops
 from .kernels import reference as ref
 from .errors import KVQuantWarning
-from .layout import PAD, Layout, Packed, index_dims
+from .layout import FULL, PAD, Layout, Packed, index_dims
 
 aten = torch.ops.aten
 
@@ -330,7 +330,6 @@ def _tracing(s: KVState) -> bool:
     return torch.compiler.is_compiling() or is_fake(s.codes)
 
 
-_FULL = slice(None, None, None)
 
 
 def _eager_index(s: KVState, idx: Any) -> Optional[KVState]:
@@ -341,7 +340,7 @@ def _eager_index(s: KVState, idx: Any) -> Optional[KVState]:
     if dims is None:
         return None
     first, tdim = dims[0], s.kv_layout.token_dim
-    if isinstance(first, Tensor) and first.dim() == 1 and all(d == _FULL for d in dims[1:]):
+    if isinstance(first, Tensor) and first.dim() == 1 and all(d == FULL for d in dims[1:]):
         index = first.nonzero().squeeze(1) if first.dtype == torch.bool else first
         out = _index_select(s, 0, index) if not index.dtype.is_floating_point else NotImplemented
         return None if out is NotImplemented else out
@@ -349,7 +348,7 @@ def _eager_index(s: KVState, idx: Any) -> Optional[KVState]:
     if s.kv_layout.overlay:  # (a static buffer with a window: read from a dequantized copy)
         return None
     if not (isinstance(cut, slice) and cut.step in (None, 1)
-            and all(d == _FULL for i, d in enumerate(dims) if i != tdim)):
+            and all(d == FULL for i, d in enumerate(dims) if i != tdim)):
         return None
     T = s.shape[tdim]
     start, stop, _ = cut.indices(T)
@@ -373,7 +372,7 @@ def _static_index(s: KVState, idx: Any) -> bool:
                 return False
             if not isinstance(i, (slice, int, Tensor)):
                 return False
-        elif i != _FULL and not (d == 0 and lay.groups[0] == "b" and isinstance(i, slice) and i.start in (None, 0)
+        elif i != FULL and not (d == 0 and lay.groups[0] == "b" and isinstance(i, slice) and i.start in (None, 0)
                                  and i.step in (None, 1)):
             return False
     return True
@@ -632,8 +631,8 @@ def kv_static_setitem(s: KVState, idx: Any, new: Tensor) -> KVState:
     if lay.overlay:
         return _overlay_write(s, pos, new)
     p = s.packed()
-    batch = dims[0] if lay.groups[0] == "b" else _FULL
-    if batch != _FULL:
+    batch = dims[0] if lay.groups[0] == "b" else FULL
+    if batch != FULL:
         rows = slice(batch.start, batch.stop)
         p = p._replace(codes=p.codes[rows], scale=p.scale[rows], mn=p.mn[rows])
     ops.write_(p, new, pos)

@@ -130,6 +130,27 @@ def test_write_quantizes_each_token_where_it_goes(fmt, bits, kernels, monkeypatc
     assert (counters["kvquant"]["triton_quantize_calls"] > 0) == (kernels == "triton")
 
 
+@pytest.mark.slow  # compiles one quantizer graph (seconds)
+@pytest.mark.parametrize("layout", [lay("kivi", 2, 4, TOKEN_AXIS, residual=8), lay("int8", 8, 8)])
+def test_cpu_quantizes_decode_sized_token_counts_only(layout, monkeypatch):
+    """On the CPU the quantize op takes the compiled quantizer (kernels/cpu.py) for the tokens a decode step
+    quantizes (up to a window, a group or MAX_QUERIES) and the reference for a prefill's many, whose graph
+    would be compiled for one call; the same codes either way."""
+    from torch._dynamo.utils import counters
+
+    from kvcompile.kernels import cpu
+
+    monkeypatch.setenv("KVCOMPILE_KERNELS", "auto")
+    bound = max(cpu.MAX_QUERIES, layout.residual, layout.group)
+    for n, compiled in ((layout.group, True), (bound + layout.group, False)):
+        x = torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(n))
+        before = counters["kvquant"]["cpu_quantize_calls"]
+        got = ops.quantize(x, layout)
+        assert (counters["kvquant"]["cpu_quantize_calls"] > before) == compiled, (n, compiled)
+        for g, w, name in zip(got, ref.quantize(x, layout), ("codes", "scale", "mn")):
+            assert_exact(g, w, f"{name}, {n} tokens")
+
+
 def test_layout_crosses_the_op_boundary_as_its_key():
     layout = lay("nfh", 3, 8, residual=4, window=True)
     assert Layout.from_key(layout.key) == layout

@@ -253,6 +253,15 @@ def _compiled_quantize(lay: Layout, sizes: tuple):
     return _own(quantize, emulate_precision_casts=True)
 
 
+def quantizes(x: Tensor, lay: Layout) -> bool:
+    """Whether the compiled quantizer serves x [B, H, N, D]: the tokens a decode step quantizes (one, a chunk of
+    up to MAX_QUERIES, or a window's worth: kivi's keys leave the residual R at a time). A prefill's hundreds
+    or thousands take the reference, once: milliseconds of eager work, where compiling a graph for a token count
+    that the decode never meets again would cost seconds of the first token's time (and the decode's first
+    call, a second, dynamic graph)."""
+    return 0 < x.shape[2] <= max(MAX_QUERIES, lay.residual, lay.group)
+
+
 def quantize(x: Tensor, lay: Layout):
     """reference.quantize(x, lay) of x [B, H, N, D] on the CPU, compiled: the same float32 operations fused
     into one loop nest (bit-exact to the reference: tests/test_kernels.py). A decode step quantizes a token or

@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
+from ..layout import FULL
+
 Atom = Tuple[Any, ...]
 Dims = Tuple[Tuple[Atom, ...], ...]  # one tuple of atoms per dim
 UNIT: Atom = ("u",)
@@ -135,11 +137,13 @@ def _divides(a: Any, b: Any) -> bool:
     return known_equal(a, b)
 
 
-_FULL = slice(None, None, None)
 _TRANSPOSE_METHODS = {"transpose", "swapaxes", "swapdims"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten"}
 _NOOP_METHODS = {"contiguous", "clone", "detach"}
-_CAST_METHODS = {"to", "float", "half", "bfloat16", "type", "double"}
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "type", "double", "type_as"}
+# the tensor methods that move or cast a cache's elements and nothing else (propagate maps their labels)
+LAYOUT_METHODS = frozenset(_TRANSPOSE_METHODS | _RESHAPE_METHODS | _NOOP_METHODS | _CAST_METHODS
+                           | {"permute", "unsqueeze", "squeeze", "expand", "expand_as", "repeat_interleave"})
 _ELEMENTWISE = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.mul, torch.add,
                 torch.sub, torch.div, torch.neg, torch.multiply}
 _ELEMENTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "__mul__", "__add__", "__sub__", "__truediv__"}
@@ -264,7 +268,7 @@ def _getitem(labels: Labels, idx: Any, src_val: torch.Tensor, out_shape: Sequenc
     n_index = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
         at = idx.index(Ellipsis)
-        idx = idx[:at] + (_FULL,) * (len(dims) - n_index) + idx[at + 1:]
+        idx = idx[:at] + (FULL,) * (len(dims) - n_index) + idx[at + 1:]
     out: List[Tuple[Atom, ...]] = []
     d = 0
     valued, prefix = labels.valued, list(labels.prefix)

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from ..layout import index_dims, logical_dims
-from .axes import UNIT, Labels, cache_labels, known_equal, propagate, shape, slot_sizes, val
+from .axes import LAYOUT_METHODS, UNIT, Labels, cache_labels, known_equal, propagate, shape, slot_sizes, val
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -323,10 +323,6 @@ def _broadcast_positions(index: Any, dim: int) -> Optional[fx.Node]:
     return index.args[0] if all(s == 1 for i, s in enumerate(base) if i != d) else None
 
 
-_VIEWS = {"transpose", "permute", "view", "reshape", "expand", "contiguous", "repeat_interleave", "unsqueeze",
-          "flatten", "to", "float", "type_as"}
-
-
 def _read_by_attention(node: fx.Node, depth: int = 6) -> bool:
     """Whether attention reads `node` as its keys or values through layout ops only (a buffer that is a KV
     cache, not a recurrent state that only feeds the layer's later input)."""
@@ -339,7 +335,7 @@ def _read_by_attention(node: fx.Node, depth: int = 6) -> bool:
                     return True
                 if _is_matmul(u) and len(u.args) > 1 and u.args[1] is n:
                     return True
-                if (u.op == "call_method" and u.target in _VIEWS) or _is_call(u, fns={operator.getitem}):
+                if (u.op == "call_method" and u.target in LAYOUT_METHODS) or _is_call(u, fns={operator.getitem}):
                     nxt.append(u)
         todo = nxt
     return False
