@@ -648,6 +648,20 @@ def test_dequantize_is_linear_in_scale_and_minimum(fmt, bits):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt,bits", [(f.name, b) for f in FORMATS.values() if f.levels for b in f.bits])
+def test_cpu_table_decode_equals_the_gather(fmt, bits):
+    """The CPU path decodes a table format's codes with selects (cpu._looked_up, which vectorises), not the
+    gather levels[code] the reference does: the same float32 values for every code, in any order."""
+    from kvcompile.kernels import cpu
+
+    f = FORMATS[fmt]
+    table = f.levels(bits, "cpu")
+    codes = torch.randperm(2 ** bits, generator=torch.Generator().manual_seed(bits)).to(torch.uint8).repeat(3)
+    assert_exact(cpu._looked_up(codes, tuple(table.tolist())), table[codes.long()], f"{fmt}{bits} select tree")
+    assert_exact(cpu._looked_up(codes, tuple(table.tolist())), f.dequantize(codes, torch.ones(()), None, bits),
+                 f"{fmt}{bits} against its format's dequantize")
+
+
 @pytest.mark.slow
 def test_cpu_decode_attention_fully_masked_row_is_zero():
     from kvcompile.kernels import cpu

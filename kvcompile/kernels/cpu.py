@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..layout import CHANNEL_AXIS, PAD, TOKEN_AXIS, Layout, Packed
-from ..methods import codes_per_word
+from ..methods import FORMATS, codes_per_word
 from . import reference as ref
 
 MAX_QUERIES = 16  # decode and short chunks; longer prefills are compute-bound: the reference's SDPA
@@ -89,8 +89,26 @@ def _codes(codes: Tensor, lay: Layout) -> Tensor:
     else:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
         c = (codes[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)
+    if lay.fmt.levels is not None:
+        return _looked_up(c, _TABLES[lay.fmt.name, bits])
     one = torch.ones((), dtype=torch.float32, device=codes.device)
     return lay.fmt.dequantize(c, one, torch.zeros_like(one), bits)
+
+
+def _looked_up(c: Tensor, table: tuple) -> Tensor:
+    """table[c] (float32) for codes c (uint8): a binary search of selects on c as float32 (exact: small
+    integers), 2^bits - 1 compares and selects of constants. The same values as the gather `table[c.long()]`,
+    which Inductor's C++ loops cannot vectorise (an indirect load: ~8x slower at 4 bits than kivi's affine
+    decode); selects on uint8 masks vectorise too, but convert each mask to float's lanes (slower still)."""
+    x = c.float()
+
+    def pick(lo: int, hi: int):
+        if hi - lo == 1:
+            return table[lo]
+        mid = (lo + hi) // 2
+        return torch.where(x < mid, pick(lo, mid), pick(mid, hi))
+
+    return pick(0, len(table))
 
 
 def _rows(p: Packed, t: Tensor) -> Tensor:
@@ -181,11 +199,19 @@ def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: 
     return back(out.reshape(B, Hq, L, out.shape[-1])).to(dtype)
 
 
+_TABLES = {}  # (format, bits) -> its levels as Python floats: constants of the graphs that decode it (_looked_up)
+
+
 def _tables(*layouts: Layout) -> None:
-    """Make the tables the layouts' formats decode with now: inputs of a compiled graph, not computed in it."""
+    """Make the tables the layouts' formats decode with, outside the graphs that read them: as tensors, the
+    quantizer's inputs (levels and bounds), and as Python floats, the decode's constants (_TABLES)."""
     for lay in layouts:
-        if lay.quantized and lay.fmt.levels is not None:
-            lay.fmt.levels(lay.bits, "cpu")
+        if not lay.quantized:
+            continue
+        fmt = FORMATS[lay.fmt.plain or lay.fmt.name]  # a transformed format's codes decode as its plain one's
+        if fmt.levels is not None:
+            _TABLES[fmt.name, lay.bits] = tuple(fmt.levels(lay.bits, "cpu").tolist())
+            fmt.bounds(lay.bits, "cpu")
 
 
 _OWN = itertools.count()
@@ -294,6 +320,7 @@ def decompose_attention(q, k_codes, k_scale, k_mn, k_res, k_layout, k_nq, k_skip
     L = _static_int(q.shape[2])
     if L is None or not usable(q, k, v, dropout_p, queries=L):
         return NotImplemented
+    _tables(k.layout, v.layout)
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attend(q, k, v, attn_mask, bool(is_causal), s)
 
