@@ -211,18 +211,26 @@ def _not_a_cache(upd: CacheUpdate) -> bool:
 
 
 def _reaches_attention(node: fx.Node, depth: int = 12) -> bool:
+    """Whether attention (SDPA, a matmul, baddbmm, einsum) reads `node` through any ops at all, within depth."""
+    def attends(u: fx.Node, n: fx.Node) -> bool:
+        return _is_call(u, fns=_SDPA) or _is_matmul(u) or _is_baddbmm(u) or _is_call(u, fns={torch.einsum})
+
+    return _users_reach(node, attends, lambda u: True, depth)
+
+
+def _users_reach(node: fx.Node, hit, follow, depth: int) -> bool:
+    """Breadth first over node's users, at most `depth` removes: whether hit(user, the node it reads) holds for
+    one, going on through the users that follow(user) admits."""
     todo, seen = [node], set()
-    while todo and depth:
-        depth -= 1
+    for _ in range(depth):
         nxt = []
         for n in todo:
             for u in n.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                if _is_call(u, fns=_SDPA) or _is_matmul(u) or _is_baddbmm(u) or _is_call(u, fns={torch.einsum}):
+                if hit(u, n):  # every edge: a node may read one input as keys and another not
                     return True
-                nxt.append(u)
+                if u not in seen and follow(u):
+                    seen.add(u)
+                    nxt.append(u)
         todo = nxt
     return False
 
@@ -326,19 +334,15 @@ def _broadcast_positions(index: Any, dim: int) -> Optional[fx.Node]:
 def _read_by_attention(node: fx.Node, depth: int = 6) -> bool:
     """Whether attention reads `node` as its keys or values through layout ops only (a buffer that is a KV
     cache, not a recurrent state that only feeds the layer's later input)."""
-    todo = [node]
-    for _ in range(depth):
-        nxt = []
-        for n in todo:
-            for u in n.users:
-                if _is_call(u, fns=_SDPA) and n in (sdpa_args(u).get("key"), sdpa_args(u).get("value")):
-                    return True
-                if _is_matmul(u) and len(u.args) > 1 and u.args[1] is n:
-                    return True
-                if (u.op == "call_method" and u.target in LAYOUT_METHODS) or _is_call(u, fns={operator.getitem}):
-                    nxt.append(u)
-        todo = nxt
-    return False
+    def as_kv(u: fx.Node, n: fx.Node) -> bool:
+        if _is_call(u, fns=_SDPA):
+            return n in (sdpa_args(u).get("key"), sdpa_args(u).get("value"))
+        return _is_matmul(u) and len(u.args) > 1 and u.args[1] is n
+
+    def layout_op(u: fx.Node) -> bool:
+        return (u.op == "call_method" and u.target in LAYOUT_METHODS) or _is_call(u, fns={operator.getitem})
+
+    return _users_reach(node, as_kv, layout_op, depth)
 
 
 def _is_state(v: Any) -> bool:
