@@ -16,7 +16,6 @@ pytestmark = pytest.mark.slow  # every test here compiles several models (pytest
 SLIDING = {"gemma2", "gemma3_text"}
 LEFT_ALONE: dict = {}  # family -> a word of the reason (none today: Bloom's ALiBi baddbmm is read dequantized)
 
-DYNAMO_ULP = {"gemma3_text"}  # plain Dynamo (backend="eager") already differs from eager by ~1 ulp
 
 CASES = [(f, a) for f in zoo.FAMILIES for a in zoo.attentions(f)]
 
@@ -25,7 +24,9 @@ CASES = [(f, a) for f in zoo.FAMILIES for a in zoo.attentions(f)]
 def test_zoo(family, attn):
     r = zoo.run(family, attn)
     assert r.none_exact, "method none must give the unrewritten graph's logits bit for bit"
-    tol = 1e-6 if family in DYNAMO_ULP else 0.0
+    # exact where plain Dynamo (backend="eager") is: where its own graph already differs from the uncompiled model
+    # (rounding of a reordered op, family and transformers release dependent), within 1e-6
+    tol = 1e-6 if r.err_dynamo_vs_uncompiled > 0 else 0.0
     assert r.err_none_vs_uncompiled <= tol, r.err_none_vs_uncompiled
     if family in LEFT_ALONE:  # unquantized, and correct
         assert r.err_kivi_vs_fp <= tol, r.err_kivi_vs_fp
