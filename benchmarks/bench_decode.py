@@ -10,6 +10,8 @@ of one token per step. The first steps compile every graph the loop meets (their
 prefill's, are reported as time to first token and warm-up); the median of the last `--steps` steps is
 the decode time. Settings run in the order given, one process each, so two never share the 2 cores;
 `--rounds N` runs the whole list N times (settings interleaved) and reports medians over the rounds.
+`--cold` gives every worker an empty Inductor (and Triton) cache, so that time to first token includes every
+compile (without it, a setting's graphs may come from an earlier run's cache, and TTFT depends on what ran before).
 Prints one table, writes JSON (incrementally, after every worker).
 
 `--profile` also runs PROFILED more steps under torch.profiler and reports, per decode step, what it
@@ -24,8 +26,10 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,6 +153,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every setting this many times, interleaved; report the median over rounds")
     ap.add_argument("--profile", action="store_true", help="also count what a decode step launches and allocates")
+    ap.add_argument("--cold", action="store_true", help="an empty Inductor cache for every worker: TTFT with every compile")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
     ap.add_argument("--worker", nargs=3, metavar=("SETTING", "BATCH", "CONTEXT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -168,17 +173,26 @@ def main() -> None:
                 print(f"round {rnd + 1}/{args.rounds}: {shape} {setting} ...", file=sys.stderr, flush=True)
                 cmd = [sys.executable, __file__, "--steps", str(args.steps), *(["--profile"] if args.profile else []),
                        "--worker", setting, b, t]
-                run = subprocess.run(cmd, capture_output=True, text=True)
+                env, cache = dict(os.environ), None
+                if args.cold:  # Inductor's FX graph, AOTAutograd and kernel caches all live under this folder
+                    cache = tempfile.mkdtemp(prefix="kvquant-bench-cache-")
+                    env.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+                try:
+                    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                finally:
+                    if cache:
+                        shutil.rmtree(cache, ignore_errors=True)
                 lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
                 if run.returncode or not lines:
                     runs.append(dict(setting=setting, batch=int(b), context=int(t), error=run.stderr[-2000:]))
                 else:
                     runs.append(json.loads(lines[-1][7:]))
                 rows = summarize(runs)
-                out.write_text(json.dumps(dict(machine=ev.machine(), command=" ".join(sys.argv), results=rows),
+                out.write_text(json.dumps(dict(machine=ev.machine(), command=" ".join(sys.argv), cold=args.cold, results=rows),
                                           indent=2))
     print(f"SmolLM2-135M float32 decode, {ev.machine()}, KVCOMPILE_KERNELS={os.environ.get('KVCOMPILE_KERNELS', 'auto')}; "
-          f"median ms per step over {args.steps} steps" + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
+          f"median ms per step over {args.steps} steps" + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
+          + ("; TTFT and warm-up from an empty Inductor cache" if args.cold else ""))
     print(f"{'shape':>8} {'setting':<34} {'ms/step':>9} {'vs inductor':>12} {'vs eager':>9} {'TTFT s':>8} {'warm-up s':>10} {'KV MB':>8}  {'each round' if args.rounds > 1 else ''}")
     for r in rows:
         if "error" in r:

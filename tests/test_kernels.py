@@ -623,8 +623,9 @@ def test_cpu_decode_attention_matches_float64(k_layout, v_layout, mask_kind, L):
 ])
 def test_cpu_quantize_bit_exact(layout, dtype):
     """The CPU's compiled quantizer (kernels/cpu.py, the one compact_ and the static writes use) equals the
-    reference bit for bit, at the token counts a generation meets: the first call's graph is static, later
-    ones are dynamic in the tokens; a slice of a larger buffer, as the residual's oldest tokens are."""
+    reference bit for bit, at the token counts a generation meets (a graph of static sizes each, one token
+    twice: the second call reuses the first's graph), for a slice of a larger buffer too, as the residual's
+    oldest tokens are."""
     from kvcompile.kernels import cpu
 
     tokens = (32, 64, 96) if layout.axis == TOKEN_AXIS else (1, 5, 1, 17)

@@ -264,36 +264,40 @@ def _compiled(lk: Layout, lv: Layout, sizes: tuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_quantize(lay: Layout, sizes: tuple):
-    """reference.quantize for one layout, batch, heads, head dim and dtype, compiled (`_own`): the token
-    count alone becomes dynamic."""
+def _compiled_quantize(lay: Layout, shape: tuple, dtype: torch.dtype):
+    """reference.quantize for one layout and one input shape and dtype (contiguous, on the CPU), compiled by
+    Inductor without Dynamo: traced to aten ops (make_fx) and handed to compile_fx. Every size is static, so
+    a call runs the compiled graph with no guards to check: the key is everything a guard would have
+    checked. A decode step quantizes the same few token counts at every step (one; a window's worth at a key
+    flush), a handful of graphs, where Dynamo's lookup and frame cost ~50-90 us a call, more than the
+    quantization itself (tens of microseconds for one token of every head: two per layer and step)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     _tables(lay)
-
-    def quantize(x):
-        if lay.axis == TOKEN_AXIS:  # [B, H, N / G, G, D]: a symbolic N would not be known to be whole groups
-            x = x.flatten(2, 3)
-        return ref.quantize(x, lay)
-
-    # the scale is rounded to the cache's dtype and read back in float32: Inductor would keep the float32
-    # value inside its loop (a half-precision scale's codes would differ from the reference's) unless told
-    return _own(quantize, emulate_precision_casts=True)
+    x = torch.zeros(shape, dtype=dtype)
+    with torch.no_grad():
+        gm = make_fx(lambda x: ref.quantize(x, lay))(x)
+        # the scale is rounded to the cache's dtype and read back in float32: Inductor would keep the float32
+        # value inside its loop (a half-precision scale's codes would differ from the reference's) unless told
+        return compile_fx(gm, [x], config_patches={"emulate_precision_casts": True})
 
 
 def quantizes(x: Tensor, lay: Layout) -> bool:
-    """Whether the compiled quantizer serves x [B, H, N, D]: the tokens a decode step quantizes (one, a chunk of
-    up to MAX_QUERIES, or a window's worth: kivi's keys leave the residual R at a time). A prefill's hundreds
-    or thousands take the reference, once: milliseconds of eager work, where compiling a graph for a token count
-    that the decode never meets again would cost seconds of the first token's time (and the decode's first
-    call, a second, dynamic graph)."""
-    return 0 < x.shape[2] <= max(MAX_QUERIES, lay.residual, lay.group)
+    """Whether the compiled quantizer serves x [B, H, N, D]: the token counts a decode step quantizes at every
+    step or flush (up to MAX_QUERIES: one token, or a short chunk's; a window's worth, R, or a group, G: kivi's
+    keys leave the residual R at a time). Other counts (a prefill's, hundreds or thousands, or the tail of a
+    prompt past the window) take the reference, once: milliseconds of eager work, where compiling a graph for
+    a token count that the decode never meets again would cost a second or more of the first token's time."""
+    n = x.shape[2]
+    return 0 < n <= MAX_QUERIES or n in (lay.residual, lay.group)
 
 
 def quantize(x: Tensor, lay: Layout):
     """reference.quantize(x, lay) of x [B, H, N, D] on the CPU, compiled: the same float32 operations fused
-    into one loop nest (bit-exact to the reference: tests/test_kernels.py). A decode step quantizes a token or
-    a group of each layer's keys and values: a few microseconds of work in a dozen eager ops, ~130 us."""
-    fn = _compiled_quantize(lay, (tuple(x.shape[:2]), x.shape[-1], x.dtype))
-    return _run(fn, x.unflatten(2, (x.shape[2] // lay.group, lay.group)) if lay.axis == TOKEN_AXIS else x)
+    into one loop nest (bit-exact to the reference: tests/test_kernels.py), one graph per token count."""
+    codes, scale, mn = _compiled_quantize(lay, tuple(x.shape), x.dtype)(x.contiguous())
+    return codes, scale, mn
 
 
 def _sizes(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor]) -> tuple:
