@@ -151,6 +151,29 @@ def test_cpu_quantizes_decode_sized_token_counts_only(layout, monkeypatch):
             assert_exact(g, w, f"{name}, {n} tokens")
 
 
+@pytest.mark.slow  # compiles one quantizer graph (seconds)
+def test_cpu_quantizer_is_called_without_dynamo():
+    """The decode's quantizer (kernels/cpu.quantize) runs its compiled graph directly: no Dynamo frame and
+    no guard check per call (its sizes are static, its cache key is what guards would check), and a
+    second call with the same sizes compiles nothing new."""
+    from torch.profiler import profile
+
+    from kvcompile.kernels import cpu
+
+    layout = lay("kivi", 2, 8, CHANNEL_AXIS, residual=4)
+    x = torch.randn(1, 2, 1, 8, generator=torch.Generator().manual_seed(0))
+    cpu.quantize(x, layout)
+    graphs = cpu._compiled_quantize.cache_info().currsize
+    with profile() as prof:
+        got = cpu.quantize(x, layout)
+    names = [e.key for e in prof.key_averages()]
+    assert any(n.startswith("## Call CompiledFxGraph") for n in names), names
+    assert not any("TorchDynamo" in n or "Torch-Compiled Region" in n for n in names), names
+    assert cpu._compiled_quantize.cache_info().currsize == graphs
+    for g, w, name in zip(got, ref.quantize(x, layout), ("codes", "scale", "mn")):
+        assert_exact(g, w, name)
+
+
 def test_layout_crosses_the_op_boundary_as_its_key():
     layout = lay("nfh", 3, 8, residual=4, window=True)
     assert Layout.from_key(layout.key) == layout
