@@ -222,8 +222,8 @@ _LIMIT_KW = {"recompile_limit": RECOMPILE_LIMIT} if "recompile_limit" in inspect
     else {}
 
 
-def _own(fn, **options):
-    """torch.compile of fn (Inductor `options`) as a function of its own name. Dynamo keeps what it saw change
+def _own(fn):
+    """torch.compile of fn as a function of its own name. Dynamo keeps what it saw change
     (automatic dynamic shapes) per code file, first line and name, not per code object: shared by every key of
     a cache below, a graph that had met two batch sizes would make the next key's first graph dynamic in the
     batch and heads too (and in the layout's ints, closure constants), and its loops run several times slower
@@ -233,7 +233,7 @@ def _own(fn, **options):
     name = f"{fn.__name__}_{next(_OWN)}"  # Dynamo's state is keyed by the code's file, first line and name
     code = fn.__code__.replace(co_name=name, co_qualname=name)
     own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    return torch.compile(own, fullgraph=True, options=options or None, **_LIMIT_KW)
+    return torch.compile(own, fullgraph=True, **_LIMIT_KW)
 
 
 def _run(fn, *args):
