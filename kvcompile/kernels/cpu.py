@@ -36,10 +36,8 @@ reading the cache; a longer prefill keeps the reference's SDPA.
 from __future__ import annotations
 
 import functools
-import inspect
-import itertools
-import types
-from typing import Optional
+import re
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -84,15 +82,23 @@ def _codes(codes: Tensor, lay: Layout) -> Tensor:
     elif bits == 3:  # 8 codes in each little-endian 24-bit word of 3 bytes
         b = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 3, 3).to(torch.int32)
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
-        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=codes.device)
-        c = ((word[..., None, :] >> shifts[:, None]) & 7).to(torch.uint8)
+        c = _shifted(word, 3).to(torch.uint8)
     else:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-        c = (codes[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)
+        c = _shifted(codes, bits)
     if lay.fmt.levels is not None:
         return _looked_up(c, _TABLES[lay.fmt.name, bits])
     one = torch.ones((), dtype=torch.float32, device=codes.device)
     return lay.fmt.dequantize(c, one, torch.zeros_like(one), bits)
+
+
+def _shifted(words: Tensor, bits: int) -> Tensor:
+    """words [..., J] -> [..., per, J]: code i of each word, (word >> bits * i) & (2^bits - 1). Both operands
+    expanded to the output's shape first: the shift's meta function broadcasts only concrete sizes, and the
+    token dim is symbolic where `_trace` traces it."""
+    per = words.element_size() * 8 // bits if words.dtype == torch.uint8 else 24 // bits
+    shape = (*words.shape[:-1], per, words.shape[-1])
+    shifts = torch.arange(0, per * bits, bits, dtype=words.dtype, device=words.device)[:, None].expand(shape)
+    return torch.bitwise_and(torch.bitwise_right_shift(words[..., None, :].expand(shape), shifts), (1 << bits) - 1)
 
 
 def _looked_up(c: Tensor, table: tuple) -> Tensor:
@@ -124,14 +130,15 @@ def _channel_codes(p: Packed, ngc: int) -> Tensor:
     return _codes(codes.reshape(B, H, n, ngc, J // ngc), p.layout)
 
 
-def _scores(qg: Tensor, k: Packed) -> Tensor:
-    """qg [B, H, rows, D] (float32, scaled) against the packed keys -> [B, H, rows, nq - skip]."""
+def _scores(qg: Tensor, k: Packed, groups: Optional[Tuple] = None) -> Tensor:
+    """qg [B, H, rows, D] (float32, scaled) against the packed keys -> [B, H, rows, nq - skip]. groups: for
+    keys grouped along tokens, (skip // G, nq // G - skip // G) if the caller has them (`_args`)."""
     lay = k.layout
     B, H, rows, D = qg.shape
     per = codes_per_word(lay.bits)
     if lay.axis == TOKEN_AXIS:  # one scale (and minimum) per channel per G tokens: fold into q per group
         G = lay.group  # nq is whole groups; skip need not be: whole groups from the one it falls in
-        g0, ng = k.skip // G, k.nq // G - k.skip // G
+        g0, ng = groups or (k.skip // G, k.nq // G - k.skip // G)
         s = k.scale[:, :, PAD + g0:PAD + g0 + ng].float()
         codes = k.codes[:, :, PAD + g0 * G:PAD + k.nq]
         qs = _planar(qg[:, :, :, None] * s[:, :, None], per)  # [B, H, rows, ng, per, J]
@@ -170,7 +177,8 @@ def _weighted(e: Tensor, v: Packed, D: int) -> Tensor:
     return out.reshape(B, H, rows, D)
 
 
-def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: bool, scale: float) -> Tensor:
+def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: bool, scale: float,
+            groups: Optional[Tuple] = None) -> Tensor:
     dtype = q.dtype
     q, k, v, back = ref.in_basis(q, k, v, float32=True)  # NFH: attend in the transformed basis
     B, Hq, L, D = q.shape
@@ -180,7 +188,7 @@ def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: 
     kr, vr = ref.unpad(k.res), ref.unpad(v.res)
     s = torch.matmul(qg, kr.transpose(2, 3))  # the window: [B, Hkv, rows, Nr]
     if k.layout.quantized:
-        s = torch.cat([_scores(qg, k), s], dim=-1)
+        s = torch.cat([_scores(qg, k, groups), s], dim=-1)
     T = s.shape[-1]
     if mask is not None:
         m = mask.expand(B, Hq, L, T).reshape(B, Hkv, rows, T)
@@ -214,54 +222,88 @@ def _tables(*layouts: Layout) -> None:
             fmt.bounds(lay.bits, "cpu")
 
 
-_OWN = itertools.count()
-# The recompile limit of each compiled function: its graphs (per mask kind, sliding window and token count
-# kind) outnumber Dynamo's default 8 in a process that mixes them. torch.compile takes it in torch 2.13;
-# in an older torch `_run` raises the global limit around each call (a context manager: ~20 us per call).
-_LIMIT_KW = {"recompile_limit": RECOMPILE_LIMIT} if "recompile_limit" in inspect.signature(torch.compile).parameters \
-    else {}
+class _Graph(NamedTuple):
+    """One compiled attention graph and the guards on the sizes it was traced for (None: it takes any)."""
 
-
-def _own(fn):
-    """torch.compile of fn as a function of its own name. Dynamo keeps what it saw change
-    (automatic dynamic shapes) per code file, first line and name, not per code object: shared by every key of
-    a cache below, a graph that had met two batch sizes would make the next key's first graph dynamic in the
-    batch and heads too (and in the layout's ints, closure constants), and its loops run several times slower
-    (benchmarks/bench_cpu_attention.py). Marking those dims static instead (torch._dynamo.mark_static) would
-    mark the cache's own tensors, which the model's graph takes too: its guards would fail and the whole
-    model compile again."""
-    name = f"{fn.__name__}_{next(_OWN)}"  # Dynamo's state is keyed by the code's file, first line and name
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
-    own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    return torch.compile(own, fullgraph=True, **_LIMIT_KW)
-
-
-def _run(fn, *args):
-    """fn(*args) below ADInplaceOrView, as an op's kernel runs when the dispatcher reaches it: Dynamo guards
-    each tensor's dispatch keys with the thread's excluded keys applied, and an op is reached both through the
-    autograd keys and without them (a compiled graph's first run); each way would compile its own graph."""
-    with torch._C._AutoDispatchBelowADInplaceOrView():
-        if _LIMIT_KW:
-            return fn(*args)
-        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)  # a torch without the argument
-        with torch._dynamo.config.patch(recompile_limit=limit):
-            return fn(*args)
+    fn: Callable
+    guards: Optional[Callable]
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(lk: Layout, lv: Layout, sizes: tuple):
-    """The attention for one pair of layouts and one set of sizes that do not change during a generation
-    (`_sizes`: batch, heads, head dims, queries, dtypes, the mask's leading dims), compiled (`_own`). The
-    layouts are constants of the graph (their group sizes and bits fix the loop bounds Inductor vectorises;
-    under dynamic=True they would be symbolic too, and nothing vectorises); the token counts and lengths
-    become dynamic once they change, and nothing else can."""
+def _graphs(lk: Layout, lv: Layout, static: tuple) -> List[_Graph]:
+    """The graphs compiled so far for one pair of layouts and everything `_static` keeps fixed: a list that
+    `attention` extends when no graph's guards accept a call's token counts (at most RECOMPILE_LIMIT)."""
     _tables(lk, lv)
+    return []
 
-    def attend(q, kt, k_nq, k_skip, vt, v_nq, v_skip, mask, is_causal, scale):
-        return _attend(q, Packed(*kt, lk, k_nq, k_skip), Packed(*vt, lv, v_nq, v_skip), mask, is_causal, scale)
 
-    return _own(attend)
+def _args(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor]) -> list:
+    """The flat inputs of a compiled graph: tensors (contiguous: the graphs are traced for contiguous inputs,
+    and only their token dims are symbolic) and the token counts. Kivi's keys also pass their first packed
+    group and number of groups (skip // G, nq // G - skip // G) as counts of their own: traced from nq and
+    skip, each floor division would leave guards of its own (`_attend`'s `groups`)."""
+    args = [q.contiguous(), *(t.contiguous() for t in k.tensors), k.nq, k.skip]
+    if k.layout.quantized and k.layout.axis == TOKEN_AXIS:
+        G = k.layout.group
+        args += [k.skip // G, k.nq // G - k.skip // G]
+    args += [*(t.contiguous() for t in v.tensors), v.nq, v.skip]
+    if mask is not None:
+        args.append(mask.contiguous())
+    return args
 
+
+def _unflat(lk: Layout, lv: Layout, xs) -> tuple:
+    """`_args`' inverse: (q, k, v, mask, groups) as `_attend` takes them."""
+    xs = list(xs)
+    q, k, groups = xs[0], Packed(*xs[1:5], lk, *xs[5:7]), None
+    xs = xs[7:]
+    if lk.quantized and lk.axis == TOKEN_AXIS:
+        groups, xs = tuple(xs[:2]), xs[2:]
+    v = Packed(*xs[:4], lv, *xs[4:6])
+    return q, k, v, (xs[6] if len(xs) > 6 else None), groups
+
+
+def _trace(lk: Layout, lv: Layout, is_causal: bool, scale: float, args: list) -> _Graph:
+    """Compile `_attend` for inputs like `args` (`_args`) without Dynamo: traced to aten ops on fake tensors
+    whose token sizes and counts are symbols (make_fx), compiled by Inductor (compile_fx), and called with
+    the real tensors and ints directly. What the trace assumed about those symbols (that a count is 0, that
+    the mask has as many tokens as the keys) comes back as the shape environment's guards, an expression
+    checked at each call (as Dynamo's guards would be, without its frame and cache lookup: ~160 us of a
+    call in a decode step on a 2-core CPU)."""
+    from torch._dynamo.source import LocalSource
+    from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    env = ShapeEnv(duck_shape=False)  # no equality assumed between sizes that happen to be equal
+    mode = FakeTensorMode(shape_env=env)
+    fakes = []
+    for i, a in enumerate(args):
+        src = LocalSource(f"t{i}")
+        if isinstance(a, Tensor):  # [B, H, tokens, X] cache tensors and the mask [..., T]: only tokens vary
+            dims = [DimDynamic.STATIC] * a.dim()
+            if i > 0:  # q's sizes are all static; the mask (last, after an int) varies in its last dim
+                dims[-1 if i == len(args) - 1 else 2] = DimDynamic.DYNAMIC
+            ctx = StatelessSymbolicContext(dynamic_sizes=dims, constraint_sizes=[None] * a.dim())
+            fakes.append(mode.from_tensor(a, source=src, symbolic_context=ctx))
+        else:
+            sym = env.create_symbol(a, src, dynamic_dim=DimDynamic.DYNAMIC)
+            fakes.append(env.create_symintnode(sym, hint=a, source=src))
+
+    def attend(*xs):
+        q, k, v, mask, groups = _unflat(lk, lv, xs)
+        return _attend(q, k, v, mask, is_causal, scale, groups)
+
+    with mode, torch.no_grad():
+        gm = make_fx(attend, tracing_mode="real")(*fakes)
+    fn = compile_fx(gm, fakes)
+    names = [f"t{i}" for i in range(len(args))]
+    # each guard parenthesised: one can be a disjunction (a broadcast: `a == 1 or a == b`)
+    code = " and ".join(f"({g})" for g in env.produce_guards(fakes, [LocalSource(n) for n in names]))
+    code = re.sub(r"L\['(t\d+)'\]", r"\1", code)  # L['t3'] -> t3, an argument of the guard function
+    guards = eval(f"lambda {', '.join(names)}: {code}", SYMPY_INTERP) if code else None
+    return _Graph(fn, guards)
 
 @functools.lru_cache(maxsize=None)
 def _compiled_quantize(lay: Layout, shape: tuple, dtype: torch.dtype):
@@ -300,10 +342,11 @@ def quantize(x: Tensor, lay: Layout):
     return codes, scale, mn
 
 
-def _sizes(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor]) -> tuple:
-    """What `_compiled` keeps static: every size but the tokens', and the dtypes."""
-    return (tuple(q.shape), q.dtype, k.res.shape[:2], k.res.shape[-1], v.res.shape[-1], k.res.dtype,
-            None if mask is None else (mask.dtype, tuple(mask.shape[:-1])))
+def _static(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: bool, scale: float) -> tuple:
+    """What a compiled attention graph keeps static: every size but the tokens', the dtypes, the mask's kind,
+    causality and the scale."""
+    return (tuple(q.shape), q.dtype, tuple(k.res.shape[:2]), k.res.shape[-1], v.res.shape[-1], k.res.dtype,
+            None if mask is None else (mask.dtype, tuple(mask.shape[:-1])), is_causal, scale)
 
 
 def _static_int(n) -> Optional[int]:
@@ -349,8 +392,17 @@ def usable(q: Tensor, k: Packed, v: Packed, dropout_p: float, queries: Optional[
 
 def attention(q: Tensor, k: Packed, v: Packed, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
               scale: Optional[float] = None) -> Tensor:
-    """SDPA of q [B, Hq, L, D] over packed keys and values (Hkv divides Hq) -> [B, Hq, L, Dv]."""
+    """SDPA of q [B, Hq, L, D] over packed keys and values (Hkv divides Hq) -> [B, Hq, L, Dv]: the first
+    compiled graph whose guards accept the call's token counts, or a new one (`_trace`)."""
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    fn = _compiled(k.layout, v.layout, _sizes(q, k, v, attn_mask))
-    args = (q, k.tensors, k.nq, k.skip, v.tensors, v.nq, v.skip, attn_mask, bool(is_causal), s)
-    return _run(fn, *args)
+    graphs = _graphs(k.layout, v.layout, _static(q, k, v, attn_mask, is_causal, s))
+    args = _args(q, k, v, attn_mask)
+    for g in graphs:
+        if g.guards is None or g.guards(*args):
+            return g.fn(*args)
+    if len(graphs) >= RECOMPILE_LIMIT:
+        raise RuntimeError(f"kvquant: the CPU decode attention compiled {RECOMPILE_LIMIT} graphs for layouts "
+                           f"{k.layout.key} / {v.layout.key}, none of which accepts token counts "
+                           f"{k.nq, k.skip, v.nq, v.skip} (residuals {k.res.shape[2]}, {v.res.shape[2]})")
+    graphs.append(_trace(k.layout, v.layout, bool(is_causal), s, args))
+    return graphs[-1].fn(*args)
