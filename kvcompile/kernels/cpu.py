@@ -2,8 +2,9 @@
 it serves (usable); the torch reference, reference.attention, stays the oracle, and serves every other call
 (KVCOMPILE_KERNELS=torch everywhere; ops.kernels lists the modes).
 
-Two ways in: the op calls `attention`, which compiles the torch ops below once per pair of layouts (a
-nested torch.compile, shared by every layer: seconds to compile, tens of microseconds per call); with
+Two ways in: the op calls `attention`, which compiles the torch ops below once per pair of layouts and fixed
+sizes without Dynamo (`_trace`: make_fx on fake tensors with symbolic token counts, then compile_fx; the
+shape guards checked by a generated function; shared by every layer: seconds to compile); with
 KVCOMPILE_KERNELS=inline and the inductor compiler, `decompose_attention` writes kvquant::attention as the
 same ops inside the model's own graph instead (no call per layer, but every layer's attention is compiled
 on its own symbolic sizes: sympy-bound, about 10-20 s per layer and graph on a 2-core CPU).
