@@ -8,9 +8,11 @@ with the counts, to the ops.
 Nq is not stored: it is T - Nr, from the state's logical shape. Tokens leaving the residual are
 written into the spare rows in place (kvquant::compact_); when there is no room the storage grows
 by a few percent (Layout.capacity), so a step does not copy the packed cache and the bytes held stay
-within a few percent of the packed size. A state is an append-only buffer: the state a step read
-stays valid (its Nq rows are never rewritten), but two continuations of one state would write the
-same spare rows, so branch from a `clone()`.
+within a few percent of the packed size. A compiled step grows its states on the way out, eagerly,
+where the next step would not fit (_with_room, from __tensor_unflatten__): growing inside the graph
+would be a branch on sizes, a whole-model graph for each outcome. A state is an append-only buffer:
+the state a step read stays valid (its Nq rows are never rewritten), but two continuations of one
+state would write the same spare rows, so branch from a `clone()`.
 
 A sliding-window layer's state (Layout.window) also carries `skip`, an empty [PAD + S, 0] tensor whose
 size S counts the oldest packed rows the window has dropped. They are not freed at once (that would
@@ -108,8 +110,12 @@ class KVState(Tensor):
 
     @staticmethod
     def __tensor_unflatten__(inner: dict, layout: Layout, outer_size, outer_stride) -> "KVState":
-        return KVState(inner["codes"], inner["scale"], inner["mn"], inner["res"], layout, outer_size, outer_stride,
-                       inner.get("skip"), inner.get("wpos"))
+        s = KVState(inner["codes"], inner["scale"], inner["mn"], inner["res"], layout, outer_size, outer_stride,
+                    inner.get("skip"), inner.get("wpos"))
+        # a compiled graph's output state is rebuilt here, eagerly, after every call: the place to make room
+        # for the next step (tracing rebuilds states too, of fake or functional tensors: left as they are)
+        real = all(type(t) is Tensor for t in inner.values()) and torch._C._len_torch_dispatch_stack() == 0
+        return _with_room(s) if real and not _tracing(s) else s
 
     def __repr__(self) -> str:  # never dequantizes
         lay = self.kv_layout
@@ -330,8 +336,6 @@ def _tracing(s: KVState) -> bool:
     return torch.compiler.is_compiling() or is_fake(s.codes)
 
 
-
-
 def _eager_index(s: KVState, idx: Any) -> Optional[KVState]:
     """The cache operations transformers runs on a cache tensor, kept packed: `x[..., :n, :]` (crop),
     `x[:, :, start:]` (a sliding window's restriction) and `x[indices, ...]` (batch selection).
@@ -496,19 +500,46 @@ def _empty_packed(like: Tensor, layout: Layout, B, H, D) -> tuple:
 
 def kv_compact(s: KVState) -> KVState:
     """Quantize the residual tokens the method no longer keeps in full precision, in place in the
-    packed storage (grown first if it has no room: a shape branch, so growing steps run a graph of
-    their own; a sliding window's dropped rows are left behind then)."""
+    packed storage (grown first if it has no room, leaving a sliding window's dropped rows behind: a
+    branch on sizes, so a graph of its own; a compiled decode step does not take it, see _with_room)."""
     lay = s.kv_layout
     if not lay.quantized:
         return s
     p = s.packed()
     need = p.nq + lay.n_quantize(p.res.shape[2] - PAD)
     if need > p.codes.shape[2] - PAD:
-        start = (p.skip // lay.drop_quantum) * lay.drop_quantum if lay.window else 0
-        codes, scale, mn = ops.grow(p, lay.capacity(need - start), start)
-        p = p._replace(codes=codes, scale=scale, mn=mn, nq=p.nq - start, skip=p.skip - start)
+        p = _grown(p, need)
     res = ops.compact_(p)
     return KVState(p.codes, p.scale, p.mn, res, lay, outer_size=s.shape,
+                   skip=_carrier(p.codes, p.skip) if lay.window else None)
+
+
+def _grown(p: Packed, need) -> Packed:
+    """p in new packed storage with room for `need` rows (Layout.capacity), less the rows a sliding window
+    dropped, which it leaves behind."""
+    lay = p.layout
+    start = (p.skip // lay.drop_quantum) * lay.drop_quantum if lay.window else 0
+    codes, scale, mn = ops.grow(p, lay.capacity(need - start), start)
+    return p._replace(codes=codes, scale=scale, mn=mn, nq=p.nq - start, skip=p.skip - start)
+
+
+def _with_room(s: KVState) -> KVState:
+    """s, grown (eagerly) where the next decode step's compaction would not fit its packed storage.
+
+    kv_compact grows a state that has no room, but that is a branch on sizes inside the model's graph:
+    Dynamo guards each outcome, and a step that grows keys, values or both would recompile the whole model
+    (up to four graphs of about a minute each on a 2-core CPU, stalling a generation mid-way; kivi's keys
+    and values grow at different steps). Run on every state a compiled step returns, this keeps the
+    in-graph branch on its no-growth side for one-token steps: the same copy, made between steps."""
+    lay = s.kv_layout
+    if not lay.quantized or lay.static:
+        return s
+    p = s.packed()
+    need = p.nq + lay.n_quantize(p.res.shape[2] - PAD + 1)
+    if need <= p.codes.shape[2] - PAD:
+        return s
+    p = _grown(p, need)
+    return KVState(p.codes, p.scale, p.mn, p.res, lay, outer_size=s.shape, outer_stride=s.stride(),
                    skip=_carrier(p.codes, p.skip) if lay.window else None)
 
 

@@ -72,6 +72,17 @@ def test_kivi_follows_reference(arch, attn):
     _kivi_vs_reference(tiny(arch, attn), _ids(2), dict(method="kivi", compiler="eager", **SMALL))
 
 
+@pytest.mark.parametrize("method", ["kivi", "int8"])
+def test_decode_compiles_one_graph_while_the_storage_grows(method):
+    """30 decode steps cross 4 key flushes and grow the keys' and the values' packed storage several
+    times, at different steps: still one decode graph. Growing inside the model's graph is a branch on
+    sizes, one graph per outcome for keys and for values (up to four whole-model compiles, a minute each on
+    a 2-core CPU, stalling a generation): a state leaves each compiled step with room for the next one
+    (state._with_room). aot_eager: the eager compiler runs the glue as Python, a branch with no guard."""
+    _kivi_vs_reference(tiny("llama"), _ids(2), dict(method=method, compiler="aot_eager", **SMALL), exact=False)
+    assert counters["stats"]["unique_graphs"] == 2  # prefill, decode
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 1)])  # MHA and MQA (GQA 4/2 above)
 def test_kivi_mha_mqa(heads, kv_heads):
     _kivi_vs_reference(tiny("llama", heads=heads, kv_heads=kv_heads), _ids(2),
