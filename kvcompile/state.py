@@ -113,9 +113,10 @@ class KVState(Tensor):
         s = KVState(inner["codes"], inner["scale"], inner["mn"], inner["res"], layout, outer_size, outer_stride,
                     inner.get("skip"), inner.get("wpos"))
         # a compiled graph's output state is rebuilt here, eagerly, after every call: the place to make room
-        # for the next step (tracing rebuilds states too, of fake or functional tensors: left as they are)
-        real = all(type(t) is Tensor for t in inner.values()) and torch._C._len_torch_dispatch_stack() == 0
-        return _with_room(s) if real and not _tracing(s) else s
+        # for the next step (tracing rebuilds states too, of fake or functional tensors, or under a mode such
+        # as make_fx's: left as they are)
+        real = type(s.codes) is Tensor and type(s.res) is Tensor and torch._C._len_torch_dispatch_stack() == 0
+        return _with_room(s) if real and not torch.compiler.is_compiling() else s
 
     def __repr__(self) -> str:  # never dequantizes
         lay = self.kv_layout
