@@ -118,37 +118,41 @@ def _count(name: str) -> None:
 
 
 @_op("compact_", mutates_args=("codes", "scale", "mn"))
-def _compact_op(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: str, nq: int, skip: int) -> Tensor:
-    p = Packed.from_op(codes, scale, mn, res, layout, nq, skip)
-    lay = p.layout
+def _compact_op(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: str, nq: int, skip: int) -> None:
+    lay = Layout.from_key(layout)
     n = lay.n_quantize(res.shape[2] - PAD)
-    r = ref.unpad(res)
-    if n > 0:
-        row, srow = PAD + nq, PAD + lay.scale_rows(nq)
-        if use_triton(res):
-            from .kernels import triton_quantize
+    if n <= 0:  # (kivi's keys at most steps: nothing leaves the window)
+        return
+    row, srow, x = PAD + nq, PAD + lay.scale_rows(nq), res[:, :, PAD:PAD + n]
+    if use_triton(res):
+        from .kernels import triton_quantize
 
-            _count("triton_quantize_calls")
-            triton_quantize.quantize(r[:, :, :n], lay, out=(codes, scale, mn), row=row, scale_row=srow)
-        else:
-            c, s, m = _quantized(r[:, :, :n], lay)
-            codes[:, :, row:row + n] = c
-            scale[:, :, srow:srow + s.shape[2]] = s
-            mn[:, :, srow:srow + m.shape[2]] = m
-    return ref.pad(r[:, :, n:])
+        _count("triton_quantize_calls")
+        triton_quantize.quantize(x, lay, out=(codes, scale, mn), row=row, scale_row=srow)
+        return
+    c, s, m = _quantized(x, lay)
+    codes[:, :, row:row + n] = c
+    scale[:, :, srow:srow + s.shape[2]] = s
+    mn[:, :, srow:srow + m.shape[2]] = m
 
 
 @_fake(_compact_op)
-def _(codes, scale, mn, res, layout, nq, skip):
-    B, H, Nr, D = res.shape
-    return res.new_empty((B, H, Nr - Layout.from_key(layout).n_quantize(Nr - PAD), D))
+def _(codes, scale, mn, res, layout, nq, skip) -> None:
+    return None
 
 
 def compact_(p: Packed) -> Tensor:
     """Quantize the oldest residual tokens that the layout's method no longer keeps in full precision and
     write them into the packed storage in place, after its nq rows (the caller makes sure there is
-    room). Returns the new padded residual."""
-    return _compact_op(*p.op_args())
+    room). Returns the new padded residual: the rest of the residual, copied by torch ops (in a compiled
+    step, Inductor writes the copy into the step's own graph; the op returned it once, a copy and an
+    allocation of its own per layer and step)."""
+    _compact_op(*p.op_args())
+    n = p.layout.n_quantize(p.res.shape[2] - PAD)
+    # gathered rows, not a cat of the pad and res[:, :, PAD + n:]: that slice's size can be 0 or 1 and its
+    # contiguity depends on n, each a guard (so a whole-model graph per outcome); here every size is >= PAD
+    rows = torch.arange(p.res.shape[2] - n, device=p.res.device)
+    return p.res.index_select(2, torch.where(rows < PAD, rows, rows + n))
 
 
 @_op("grow", mutates_args=())

@@ -49,6 +49,8 @@ def keep_newest(layout: Layout, n_res: SymInt) -> SymInt:
     newest R leaves (all of them if R = 0)."""
     if isinstance(n_res, torch.Tensor):  # a static buffer's counts are data (state.kv_static_write)
         return (n_res - layout.residual).clamp(min=0)
+    if isinstance(n_res, int):  # (an op's count at run time: plain ints, cheaper than sym_max's dispatch)
+        return max(n_res - layout.residual, 0)
     return torch.sym_max(n_res - layout.residual, 0)
 
 
