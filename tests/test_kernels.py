@@ -678,3 +678,20 @@ def test_cpu_decode_attention_fully_masked_row_is_zero():
     out = cpu.attention(q, k, v, attn_mask=mask)
     assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
     torch.testing.assert_close(out[:, :, 1], ref.attention(q, k, v, attn_mask=mask)[:, :, 1])
+
+
+def test_cpu_guard_function_reads_sizes_once_and_drops_stride_guards():
+    """The shape environment's guards as cpu._guard_function compiles them: true exactly where the sizes
+    satisfy them (a failing guard must refuse the graph, or it would run on sizes it was not traced for)."""
+    from kvcompile.kernels import cpu
+
+    guards = ["L['t0'].size()[2] == 2*L['t1']", "L['t0'].stride()[0] == 4*L['t0'].size()[2]",
+              "L['t1'] >= 2 or L['t0'].size()[3] == 1", "max(1, L['t1']) != L['t0'].size()[3]"]
+    fn = cpu._guard_function(guards, ["t0", "t1"])
+    assert fn(torch.zeros(1, 1, 6, 4), 3)
+    assert not fn(torch.zeros(1, 1, 6, 4), 2)  # the first guard fails
+    assert not fn(torch.zeros(1, 1, 2, 4), 1)  # the third fails
+    assert fn(torch.zeros(1, 1, 2, 1), 1) is False  # the third holds by its second branch, the fourth fails
+    assert fn(torch.zeros(1, 1, 4, 1), 2)
+    assert fn(torch.zeros(1, 1, 6, 4).transpose(0, 1), 3)  # strides are not guarded (inputs are contiguous)
+    assert cpu._guard_function(["L['t0'].stride()[1] == 4"], ["t0"]) is None
