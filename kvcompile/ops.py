@@ -148,11 +148,7 @@ def compact_(p: Packed) -> Tensor:
     step, Inductor writes the copy into the step's own graph; the op returned it once, a copy and an
     allocation of its own per layer and step)."""
     _compact_op(*p.op_args())
-    n = p.layout.n_quantize(p.res.shape[2] - PAD)
-    # gathered rows, not a cat of the pad and res[:, :, PAD + n:]: that slice's size can be 0 or 1 and its
-    # contiguity depends on n, each a guard (so a whole-model graph per outcome); here every size is >= PAD
-    rows = torch.arange(p.res.shape[2] - n, device=p.res.device)
-    return p.res.index_select(2, torch.where(rows < PAD, rows, rows + n))
+    return ref.drop(p.res, p.layout.n_quantize(p.res.shape[2] - PAD))
 
 
 @_op("grow", mutates_args=())

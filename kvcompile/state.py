@@ -553,7 +553,7 @@ def kv_window(s: KVState, start: int) -> KVState:
     from_packed = torch.sym_min(drop, s.n_quantized - s.n_skip)
     from_res = drop - from_packed
     # no branch on from_res > 0 (a guard, so another graph): the residual is copied, a few rows
-    res = torch.cat([s.res[:, :, :PAD], s.res[:, :, PAD + from_res:]], dim=2)
+    res = ref.drop(s.res, from_res)
     return KVState(s.codes, s.scale, s.mn, res, s.kv_layout, outer_size=s.kv_layout.logical_shape(B, H, T - drop, D),
                    skip=_carrier(s.codes, s.n_skip + from_packed))
 

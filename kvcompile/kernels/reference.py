@@ -35,6 +35,15 @@ def pad(t: Tensor) -> Tensor:
     return torch.cat([t.new_zeros((B, H, PAD, X)), t], dim=2)
 
 
+def drop(t: Tensor, n) -> Tensor:
+    """Padded t [B, H, PAD + N, X] without its first n rows after the pad: [B, H, PAD + N - n, X], the pad
+    rows kept (a new contiguous tensor). Gathered by an index rather than cut as cat(pad, t[:, :, PAD + n:]):
+    under tracing, n symbolic, that slice could be 0 or 1 rows long and its contiguity would depend on n, each
+    a guard (so a whole-model graph per outcome); every size here is >= PAD."""
+    rows = torch.arange(t.shape[2] - n, device=t.device)
+    return t.index_select(2, torch.where(rows < PAD, rows, rows + n))
+
+
 _SHIFTS3 = tuple(range(0, 24, 3))
 
 
