@@ -13,15 +13,20 @@ The reference dequantizes the whole cache to full precision, then calls SDPA: it
 bytes, writes a full-precision copy and reads that again. Here attention is written as reductions over
 the packed tensors, and torch.compile (Inductor) fuses unpack -> decode -> multiply -> reduce into
 vectorised C++ loop nests that read the codes, scales and minimums once and write no full-precision K
-or V. The full-precision window is read as it is (two small matmuls).
+or V. The full-precision window is read as it is, by reductions of the same loop nest (not two calls of
+a BLAS matmul: at a decode's sizes, a few hundred tokens, its dispatch costs as much as its work).
 
 How the loops vectorise. Sub-byte codes are packed low bits first: channel d = per * j + i sits in byte
 (or 3-byte word) j at bit position i (reference.pack). Indexed by d, the byte is j = d // per, which no
 vector unit loads directly; so every reduction here runs over the codes "planar", with i as a dim of its
 own and j, the bytes of a row, innermost: `(codes[..., None, :] >> bits * i) & mask`, one contiguous
-load per row and a shift by a loop constant. What multiplies the codes (the query, or the weights of the
-softmax) is permuted to the same (i, j) order once per call and stored in that order
-(`_stored`: Inductor's force_stride_order), so that Inductor's loop order follows the codes.
+load per row and a shift by a loop constant, in int32 lanes (AVX-512 has no 8-bit shift: at::vec emulates
+one with shuffles; 130 -> 113 us a call of SmolLM2's kivi-2 attention on a 2-core EPYC). What multiplies
+the codes (the query, or the weights of the softmax) is permuted to the same (i, j) order once per call and
+stored in that order (`_stored`: Inductor's force_stride_order), so that Inductor's loop order follows the
+codes. The values' loop runs along whole rows, every group of channels in one vector, each word's weight
+picked by compares of the loop index (`_spread`): one group per vector left lanes idle (8 of 16 at kivi-2's
+groups of 32) and made twice as many chains of dependent adds, one per group (113 -> 72 us).
 
 Every format's dequantization is linear in its scale and minimum: deq(c, s, m) = deq(c, 1, 0) * s + m
 (m only where the format stores one; tests/test_kernels.py checks each). So per-channel scales
@@ -97,6 +102,7 @@ def _shifted(words: Tensor, bits: int) -> Tensor:
     expanded to the output's shape first: the shift's meta function broadcasts only concrete sizes, and the
     token dim is symbolic where `_trace` traces it."""
     per = words.element_size() * 8 // bits if words.dtype == torch.uint8 else 24 // bits
+    words = words.to(torch.int32)
     shape = (*words.shape[:-1], per, words.shape[-1])
     shifts = torch.arange(0, per * bits, bits, dtype=words.dtype, device=words.device)[:, None].expand(shape)
     return torch.bitwise_and(torch.bitwise_right_shift(words[..., None, :].expand(shape), shifts), (1 << bits) - 1)
@@ -169,13 +175,28 @@ def _weighted(e: Tensor, v: Packed, D: int) -> Tensor:
     B, H, rows, n = e.shape
     ngc = D // lay.group
     s = _rows(v, v.scale).float()  # [B, H, n, ngc]
-    ps = e[..., None] * s[:, :, None]  # [B, H, rows, n, ngc]: invariant along the vectorised bytes
-    c = _channel_codes(v, ngc)  # [B, H, n, ngc, per, Jg]
-    out = (ps[..., None, None] * c[:, :, None]).sum(3)  # [B, H, rows, ngc, per, Jg]
-    out = _unplanar(out)  # [B, H, rows, ngc, Gc]
+    ps = _spread(e[..., None] * s[:, :, None], lay.group // codes_per_word(lay.bits))  # [B, H, rows, n, W]
+    c = _codes(_rows(v, v.codes), lay)  # [B, H, n, per, W]: word w's scale is its group's, ps[..., w]
+    out = _unplanar((ps[:, :, :, :, None] * c[:, :, None]).sum(3))  # [B, H, rows, D]
     if lay.fmt.has_min:
-        out = out + (e[..., None] * _rows(v, v.mn).float()[:, :, None]).sum(3)[..., None]
-    return out.reshape(B, H, rows, D)
+        m = (e[..., None] * _rows(v, v.mn).float()[:, :, None]).sum(3)  # [B, H, rows, ngc]
+        out = (out.reshape(B, H, rows, ngc, lay.group) + m[..., None]).reshape(B, H, rows, D)
+    return out
+
+
+def _spread(x: Tensor, width: int) -> Tensor:
+    """x [..., n] -> [..., n * width]: x[..., j // width] at j, as selects on j (a binary search, n - 1 of them):
+    each a vector compare of the loop's index in Inductor's loops, where indexing by j // width would be a
+    gather (a scalar load per lane)."""
+    j = torch.arange(x.shape[-1] * width, dtype=torch.int32, device=x.device)
+
+    def pick(lo: int, hi: int) -> Tensor:
+        if hi - lo == 1:
+            return x[..., lo:hi]
+        mid = (lo + hi) // 2
+        return torch.where(j < mid * width, pick(lo, mid), pick(mid, hi))
+
+    return pick(0, x.shape[-1])
 
 
 def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: bool, scale: float,
@@ -187,7 +208,7 @@ def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: 
     rows = Hq // Hkv * L  # the query rows of one KV head: (query head, query) pairs
     qg = q.reshape(B, Hkv, rows, D) * scale
     kr, vr = ref.unpad(k.res), ref.unpad(v.res)
-    s = torch.matmul(qg, kr.transpose(2, 3))  # the window: [B, Hkv, rows, Nr]
+    s = (qg[:, :, :, None] * kr[:, :, None]).sum(-1)  # the window: [B, Hkv, rows, Nr]
     if k.layout.quantized:
         s = torch.cat([_scores(qg, k, groups), s], dim=-1)
     T = s.shape[-1]
@@ -201,7 +222,7 @@ def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: 
     e = torch.exp(s - torch.where(top == float("-inf"), 0.0, top))
     total = e.sum(-1, keepdim=True)
     nvq = T - vr.shape[2]  # values: packed tokens first, then the window (their own split)
-    out = torch.matmul(e[..., nvq:], vr)
+    out = (e[..., nvq:, None] * vr[:, :, None]).sum(3)  # [B, Hkv, rows, D]
     if v.layout.quantized:
         out = out + _weighted(e[..., :nvq], v, vr.shape[-1])
     out = out / torch.where(total == 0.0, 1.0, total)
