@@ -118,6 +118,12 @@ class Layout(NamedTuple):
         return logical_dims(self.logical)
 
     @property
+    def dynamic_dims(self) -> Tuple[int, ...]:
+        """The dims of the model's layout whose sizes vary between calls: those holding tokens (which grow every
+        step) and the batch alone (which varies between generations)."""
+        return tuple(d for d, group in enumerate(self.groups) if "t" in group or group == "b")
+
+    @property
     def token_dim(self) -> int:
         """The dim of the model's layout that holds the tokens."""
         return self.groups.index("t")

@@ -38,18 +38,24 @@ def kernels() -> str:
     return mode
 
 
+def implementation(t: Tensor) -> str:
+    """Which implementation serves an op on t: "triton", "cpu" (the CPU's compiled kernels, kernels/cpu.py,
+    where they serve the call) or "torch" (the reference), by kernels() and t's device (KVCOMPILE_KERNELS is
+    read once per op: ~0.8 us a read, and a decode step calls three ops per layer)."""
+    mode = kernels()
+    if mode == "triton" or (mode == "auto" and t.is_cuda):
+        return "triton"
+    if mode in ("auto", "cpu", "inline") and t.device.type == "cpu" and not t.requires_grad:
+        return "cpu"
+    return "torch"
+
+
 def use_triton(t: Tensor, *packed: Packed) -> bool:
     """Whether the Triton kernels run for tensors on t's device (kernels())."""
-    mode = kernels()
-    return mode == "triton" or (mode == "auto" and t.is_cuda)
+    return implementation(t) == "triton"
 
 
 _CPU_FAILED: set = set()  # (kernel, layouts) whose compiled CPU kernel failed: the reference serves them
-
-
-def _cpu(t: Tensor) -> bool:
-    """Whether the CPU's compiled kernels (kernels/cpu.py) may serve an op on t (kernels())."""
-    return kernels() in ("auto", "cpu", "inline") and t.device.type == "cpu" and not t.requires_grad
 
 
 def _cpu_kernel(name: str, layouts: Tuple[Layout, ...], *args) -> Optional[Tensor]:
@@ -81,7 +87,7 @@ def _cpu_attention(q: Tensor, k: Packed, v: Packed, attn_mask, dropout_p, is_cau
     """The CPU's compiled decode attention where it serves the call (None where it does not)."""
     from .kernels import cpu
 
-    if not _cpu(q) or not cpu.usable(q, k, v, dropout_p):
+    if not cpu.usable(q, k, v, dropout_p):
         return None
     return _cpu_kernel("attention", (k.layout, v.layout), q, k, v, attn_mask, is_causal, scale)
 
@@ -123,17 +129,17 @@ def _compact_op(codes: Tensor, scale: Tensor, mn: Tensor, res: Tensor, layout: s
     n = lay.n_quantize(res.shape[2] - PAD)
     if n <= 0:  # (kivi's keys at most steps: nothing leaves the window)
         return
-    row, srow, x = PAD + nq, PAD + lay.scale_rows(nq), res[:, :, PAD:PAD + n]
-    if use_triton(res):
+    row, srow, x, impl = PAD + nq, PAD + lay.scale_rows(nq), res[:, :, PAD:PAD + n], implementation(res)
+    if impl == "triton":
         from .kernels import triton_quantize
 
         _count("triton_quantize_calls")
         triton_quantize.quantize(x, lay, out=(codes, scale, mn), row=row, scale_row=srow)
         return
-    c, s, m = _quantized(x, lay)
-    codes[:, :, row:row + n] = c
-    scale[:, :, srow:srow + s.shape[2]] = s
-    mn[:, :, srow:srow + m.shape[2]] = m
+    c, s, m = _quantized(x, lay, impl)
+    codes.narrow(2, row, n).copy_(c)  # (narrow: cheaper than indexing's parse of a tuple of slices)
+    scale.narrow(2, srow, s.shape[2]).copy_(s)
+    mn.narrow(2, srow, m.shape[2]).copy_(m)
 
 
 @_fake(_compact_op)
@@ -180,15 +186,16 @@ def grow(p: Packed, capacity, start=0) -> Tuple[Tensor, Tensor, Tensor]:
     return _grow_op(p.codes, p.scale, p.mn, p.layout.key, p.nq, capacity, start)
 
 
-def _quantized(x: Tensor, lay: Layout) -> Tuple[Tensor, Tensor, Tensor]:
-    if use_triton(x):
+def _quantized(x: Tensor, lay: Layout, impl: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = impl or implementation(x)
+    if impl == "triton":
         from .kernels import triton_quantize
 
         _count("triton_quantize_calls")
         return triton_quantize.quantize(x, lay)
     from .kernels import cpu
 
-    out = _cpu_kernel("quantize", (lay,), x, lay) if _cpu(x) and cpu.quantizes(x, lay) else None
+    out = _cpu_kernel("quantize", (lay,), x, lay) if impl == "cpu" and cpu.quantizes(x, lay) else None
     return ref.quantize(x, lay) if out is None else out
 
 
@@ -268,12 +275,13 @@ def _attention_op(
 ) -> Tensor:
     k = Packed.from_op(k_codes, k_scale, k_mn, k_res, k_layout, k_nq, k_skip)
     v = Packed.from_op(v_codes, v_scale, v_mn, v_res, v_layout, v_nq, v_skip)
-    if use_triton(q, k, v) and dropout_p == 0.0:
+    impl = implementation(q)
+    if impl == "triton" and dropout_p == 0.0:
         from .kernels import triton_attention
 
         _count("triton_attention_calls")
         return triton_attention.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    out = _cpu_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)
+    out = _cpu_attention(q, k, v, attn_mask, dropout_p, is_causal, scale) if impl == "cpu" else None
     if out is not None:
         return out
     return ref.attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,

@@ -57,6 +57,16 @@ from .layout import FULL, PAD, Layout, Packed, index_dims
 aten = torch.ops.aten
 
 
+def _mark_dynamic(t: Tensor, dims: tuple) -> None:
+    """torch._dynamo.maybe_mark_dynamic(t, d) for each of dims, on t alone: the marks that function records,
+    set at once. On a traceable subclass (KVState) it also repeats itself on every inner tensor of t's rank, by
+    t's dim numbers (not the inner tensors' own): ~4.5 us a dim, and every step rebuilds 2 states per layer from
+    a compiled graph's outputs (~1.2 ms of a SmolLM2 decode step on a 2-core CPU, with the rest of
+    __tensor_unflatten__). tests/test_state.py checks the marks against maybe_mark_dynamic's."""
+    t._dynamo_weak_dynamic_indices = set(dims)
+    t._has_dynamo_dim_marking = True
+
+
 class KVState(Tensor):
     codes: Tensor
     scale: Tensor
@@ -96,13 +106,10 @@ class KVState(Tensor):
         # the first decode graph is already dynamic in them instead of recompiling once per inner size as
         # each first changes (sizes 0 and 1 stay specialized: the pad rows keep the token counts >= 2).
         for t in (codes, scale, mn, res):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-        for d, group in enumerate(layout.groups):
-            if "t" in group or group == "b":
-                torch._dynamo.maybe_mark_dynamic(self, d)
+            _mark_dynamic(t, (0, 2))
+        _mark_dynamic(self, layout.dynamic_dims)
         if skip is not None:
-            torch._dynamo.maybe_mark_dynamic(skip, 0)
+            _mark_dynamic(skip, (0,))
 
     def __tensor_flatten__(self):
         return _NAMES + (("skip",) if self.kv_layout.window else ()) + (("wpos",) if self.kv_layout.overlay else ()), \

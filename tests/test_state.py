@@ -94,3 +94,23 @@ def test_spare_capacity_is_a_few_percent_and_appends_in_place(bits):
         assert nq + nr == T
         assert formula <= nbytes(s) <= 1.05 * formula, (nbytes(s), formula)
     assert moved < 0.05 * 2 * 1500  # storage reallocated on a few percent of the steps at most
+
+
+def test_dynamic_marks_are_maybe_mark_dynamics():
+    """A state marks its token and batch dims, and every inner tensor's dims 0 and 2, as
+    torch._dynamo.maybe_mark_dynamic would (state._mark_dynamic sets those marks itself: the function's
+    fan-out over a subclass's inner tensors cost ~4.5 us a dim)."""
+    from kvcompile.state import _mark_dynamic
+
+    def marks(t):
+        return {k: v for k, v in vars(t).items() if k.startswith("_dynamo") or k == "_has_dynamo_dim_marking"}
+
+    a, b = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    torch._dynamo.maybe_mark_dynamic(a, 0)
+    torch._dynamo.maybe_mark_dynamic(a, 2)
+    _mark_dynamic(b, (0, 2))
+    assert marks(a) and marks(a) == marks(b)
+    s, _ = _state()
+    assert s._dynamo_weak_dynamic_indices == set(s.kv_layout.dynamic_dims) == {0, 2}
+    for t in (s.codes, s.scale, s.mn, s.res):
+        assert t._dynamo_weak_dynamic_indices == {0, 2}

@@ -244,6 +244,12 @@ def _tables(*layouts: Layout) -> None:
             fmt.bounds(lay.bits, "cpu")
 
 
+# the graphs here are called only as their callers traced them (`_args`, `quantize`: contiguous tensors of the
+# sizes their guards or keys accept), not by Dynamo: the compiled wrapper's own size and stride asserts would
+# check again what the caller made sure of (~0.6 us each, nine a call of SmolLM2's kivi-2 attention)
+_CALLED_DIRECTLY = {"size_asserts": False}
+
+
 class _Graph(NamedTuple):
     """One compiled attention graph and the guards on the sizes it was traced for (None: it takes any)."""
 
@@ -319,7 +325,7 @@ def _trace(lk: Layout, lv: Layout, is_causal: bool, scale: float, args: list) ->
 
     with mode, torch.no_grad():
         gm = make_fx(attend, tracing_mode="real")(*fakes)
-    fn = compile_fx(gm, fakes)
+    fn = compile_fx(gm, fakes, config_patches=_CALLED_DIRECTLY)
     names = [f"t{i}" for i in range(len(args))]
     return _Graph(fn, _guard_function(env.produce_guards(fakes, [LocalSource(n) for n in names]), names))
 
@@ -361,7 +367,7 @@ def _compiled_quantize(lay: Layout, shape: tuple, dtype: torch.dtype):
         gm = make_fx(lambda x: ref.quantize(x, lay))(x)
         # the scale is rounded to the cache's dtype and read back in float32: Inductor would keep the float32
         # value inside its loop (a half-precision scale's codes would differ from the reference's) unless told
-        return compile_fx(gm, [x], config_patches={"emulate_precision_casts": True})
+        return compile_fx(gm, [x], config_patches={**_CALLED_DIRECTLY, "emulate_precision_casts": True})
 
 
 def quantizes(x: Tensor, lay: Layout) -> bool:
