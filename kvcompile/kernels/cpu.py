@@ -114,14 +114,20 @@ def _looked_up(c: Tensor, table: tuple) -> Tensor:
     which Inductor's C++ loops cannot vectorise (an indirect load: ~8x slower at 4 bits than kivi's affine
     decode); selects on uint8 masks vectorise too, but convert each mask to float's lanes (slower still)."""
     x = c.float()
+    return _bisected(len(table), lambda i: x < i, lambda i: table[i])
+
+
+def _bisected(n: int, below: Callable, leaf: Callable):
+    """leaf(i) where i in [0, n) is the one the masks below(m) (true where i < m) place, as a binary search of
+    n - 1 torch.where selects: what Inductor's loops vectorise, where an index by i would be a gather."""
 
     def pick(lo: int, hi: int):
         if hi - lo == 1:
-            return table[lo]
+            return leaf(lo)
         mid = (lo + hi) // 2
-        return torch.where(x < mid, pick(lo, mid), pick(mid, hi))
+        return torch.where(below(mid), pick(lo, mid), pick(mid, hi))
 
-    return pick(0, len(table))
+    return pick(0, n)
 
 
 def _rows(p: Packed, t: Tensor) -> Tensor:
@@ -189,14 +195,7 @@ def _spread(x: Tensor, width: int) -> Tensor:
     each a vector compare of the loop's index in Inductor's loops, where indexing by j // width would be a
     gather (a scalar load per lane)."""
     j = torch.arange(x.shape[-1] * width, dtype=torch.int32, device=x.device)
-
-    def pick(lo: int, hi: int) -> Tensor:
-        if hi - lo == 1:
-            return x[..., lo:hi]
-        mid = (lo + hi) // 2
-        return torch.where(j < mid * width, pick(lo, mid), pick(mid, hi))
-
-    return pick(0, x.shape[-1])
+    return _bisected(x.shape[-1], lambda i: j < i * width, lambda i: x[..., i:i + 1])
 
 
 def _attend(q: Tensor, k: Packed, v: Packed, mask: Optional[Tensor], is_causal: bool, scale: float,
